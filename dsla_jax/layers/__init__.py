@@ -1,0 +1,1 @@
+"""Flax NNX building blocks: norms, rotary embeddings, attention, MLP, DSLA."""
