@@ -1,0 +1,1 @@
+"""Text sources: local files and built-in public-domain texts that resolve on a fresh machine."""

@@ -1,0 +1,1 @@
+"""Evaluation entry points: perplexity, speed (and later long-context benchmarks)."""
