@@ -26,6 +26,17 @@ class DecoderLayer(nnx.Module):
         self.self_attn = Attention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps, dtype=dtype, param_dtype=param_dtype)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # The mixer not in use: the original attention while DSLA runs (so it can be swapped back exactly), or the
+        # trained DSLA layer while attention runs again.
+        self.parked = nnx.data(None)
+
+    def swap_mixer(self, new: nnx.Module | None = None) -> None:
+        """Make `new` (or, when None, the parked mixer) the active mixer and park the current one."""
+        new = self.parked if new is None else new
+        if new is None:
+            raise ValueError("no parked mixer to swap in")
+        self.parked = nnx.data(self.self_attn)
+        self.self_attn = new
 
     def __call__(self, x: jax.Array, info: MixerInputs, cache: Any = None) -> tuple[jax.Array, Any]:
         """x: [B, T, D] -> ([B, T, D], new layer cache)."""
@@ -55,6 +66,11 @@ class Llama(nnx.Module):
             )
         )
         self.inv_freq = nnx.Variable(jnp.asarray(inv_frequencies(config)))
+        if config.dsla_layers:
+            from dsla_jax.models.hybrid import build_dsla
+
+            for i in config.dsla_layers:
+                self.layers[i].swap_mixer(build_dsla(self, i, rngs=rngs))
 
     # ---- cache -------------------------------------------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int) -> Cache:

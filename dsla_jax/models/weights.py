@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from dsla_jax.config import LlamaConfig
+from dsla_jax.layers.attention import Attention
 from dsla_jax.layers.rope import inv_frequencies
 from dsla_jax.models.llama import Llama
 
@@ -37,21 +38,25 @@ def _named_params(model: Llama) -> dict[str, tuple[nnx.Variable, bool]]:
         p = f"model.layers.{i}."
         for name in _NORMS:
             out[p + name + ".weight"] = (getattr(layer, name).weight, False)
+        # the attention weights of a DSLA layer are its parked original attention
+        attn = layer.self_attn if isinstance(layer.self_attn, Attention) else layer.parked
+        mods = {"self_attn": attn, "mlp": layer.mlp}
         for hf, (parent, child) in _LINEARS.items():
-            mod = getattr(getattr(layer, parent), child, None)
-            if mod is not None:  # a DSLA mixer keeps q/k/v/o under the same names
-                out[p + hf + ".weight"] = (mod.kernel, True)
+            out[p + hf + ".weight"] = (getattr(mods[parent], child).kernel, True)
     return out
 
 
 def load_llama(
     config: LlamaConfig, state_dict: dict[str, np.ndarray], *, dtype=jnp.float32, param_dtype=jnp.float32
 ) -> Llama:
-    """Build a `Llama` (softmax attention in every layer) from a HF-named float32 state dict without random init.
+    """Build a `Llama` from a HF-named float32 state dict without random init.
 
+    Layers in `config.dsla_layers` become DSLA: with the `model.layers.{i}.self_attn.dsla.*` tensors when the state
+    dict has them, else freshly initialised from the layer's attention weights.
     Raises ValueError naming the tensor when one is missing or has the wrong shape.
     """
-    model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    base = config.replace(dsla_layers=())
+    model = nnx.eval_shape(lambda: Llama(base, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     model.inv_freq.set_value(jnp.asarray(inv_frequencies(config)))
     for name, (var, transposed) in _named_params(model).items():
         if name not in state_dict:
@@ -64,6 +69,12 @@ def load_llama(
             shown = arr.T.shape if transposed else arr.shape
             raise ValueError(f"tensor {name!r} has shape {shown}, config expects {expected[::-1] if transposed else expected}")
         var.set_value(jnp.asarray(arr, dtype=param_dtype))
+    if config.dsla_layers:
+        from dsla_jax.models.hybrid import convert_to_dsla
+    for i in config.dsla_layers:
+        prefix = f"model.layers.{i}.self_attn.dsla."
+        params = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        convert_to_dsla(model, i, params or None)
     return model
 
 
@@ -75,8 +86,8 @@ def llama_state_dict(model: Llama) -> dict[str, np.ndarray]:
         else np.asarray(jax.device_get(var.get_value()), dtype=np.float32)
         for name, (var, transposed) in _named_params(model).items()
     }
-    for i, layer in enumerate(model.layers):
-        extra = getattr(layer.self_attn, "extra_state_dict", None)
-        if extra is not None:
-            out.update({f"model.layers.{i}.self_attn.dsla.{k}": v for k, v in extra().items()})
+    if model.config.dsla_layers:
+        from dsla_jax.models.hybrid import dsla_state_dict
+
+        out.update(dsla_state_dict(model))
     return out

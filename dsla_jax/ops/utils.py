@@ -1,0 +1,122 @@
+"""Shared helpers of the linear-attention ops: shape checks, padding, GQA reshapes, backend choices.
+
+Shape letters used in docstrings: B batch, T time, H query heads, Hk key/value heads (H % Hk == 0), G = H // Hk
+query heads per kv head, K key (and gate) dimension, V value dimension, N number of chunks, C chunk size.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+# Every matmul of the ops accumulates in float32 at full precision (no TF32 / single bf16 pass), so that the chunked
+# path matches the token loop to ~1e-6 on every backend.
+PRECISION = jax.lax.Precision.HIGHEST
+
+IMPLS = ("auto", "naive", "xla", "xla_fused", "xla_two", "pallas")
+
+
+def resolve_scale(scale: float | None, head_dim: int) -> float:
+    """The attention scale: `scale` if given, else `head_dim ** -0.5`."""
+    return float(head_dim) ** -0.5 if scale is None else float(scale)
+
+
+def _shape_str(x: jax.Array) -> str:
+    return "x".join(str(d) for d in x.shape) or "scalar"
+
+
+def check_gla_shapes(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    gates: Sequence[jax.Array],
+    states: Sequence[jax.Array | None],
+    *,
+    decode: bool = False,
+    gate_names: Sequence[str] = ("g",),
+) -> tuple[int, int, int, int, int, int]:
+    """Validate the shapes of a (multi-state) GLA call and return `(B, T, H, Hk, K, V)`.
+
+    Sequence form (`decode=False`): q [B, T, H, K], k and every gate [B, T, Hk, K], v [B, T, Hk, V].
+    Decode form (`decode=True`): the same without the T axis (T is returned as 1).
+    Every state that is not None must be [B, Hk, K, V].
+    """
+    nd = 3 if decode else 4
+    layout = "[B, H, K]" if decode else "[B, T, H, K]"
+    for name, x in (("q", q), ("k", k), ("v", v), *zip(gate_names, gates)):
+        if x.ndim != nd:
+            raise ValueError(f"{name} must be {nd}-D {layout}-like, got shape {tuple(x.shape)}")
+    if decode:
+        B, H, K = q.shape
+        T = 1
+        Bk, Hk, Kk = k.shape
+        lead_k = (Bk,)
+        lead_q = (B,)
+    else:
+        B, T, H, K = q.shape
+        Bk, Tk, Hk, Kk = k.shape
+        lead_k = (Bk, Tk)
+        lead_q = (B, T)
+    if lead_k != lead_q or Kk != K:
+        raise ValueError(
+            f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} (batch/time and key dim must agree)"
+        )
+    if Hk < 1 or H % Hk != 0:
+        raise ValueError(f"query heads H={H} must be a multiple of key/value heads Hk={Hk}")
+    if tuple(v.shape[:-1]) != tuple(k.shape[:-1]):
+        raise ValueError(f"v shape {tuple(v.shape)} must agree with k shape {tuple(k.shape)} except in the last dim")
+    V = v.shape[-1]
+    for name, gate in zip(gate_names, gates):
+        if tuple(gate.shape) != tuple(k.shape):
+            raise ValueError(f"{name} shape {tuple(gate.shape)} must equal k shape {tuple(k.shape)}")
+    for i, s in enumerate(states):
+        if s is None:
+            continue
+        if tuple(s.shape) != (B, Hk, K, V):
+            raise ValueError(f"state {i} has shape {tuple(s.shape)}, expected [B, Hk, K, V] = {(B, Hk, K, V)}")
+    return B, T, H, Hk, K, V
+
+
+def check_mix(mix: jax.Array) -> None:
+    """`mix` must hold two weights, shape [2]."""
+    if jnp.shape(mix) != (2,):
+        raise ValueError(f"mix must have shape [2], got {tuple(jnp.shape(mix))}")
+
+
+def check_chunking(chunk_size: int, sub_chunk: int) -> int:
+    """Validate `chunk_size` and return the sub-chunk size actually used (divides the chunk)."""
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    c = min(sub_chunk, chunk_size)
+    if chunk_size % c != 0:
+        raise ValueError(f"chunk_size={chunk_size} must be a multiple of the sub-chunk size {c} (or at most {c})")
+    return c
+
+
+def pad_time(x: jax.Array, t_pad: int) -> jax.Array:
+    """Zero-pad axis 1 (time) of `x` [B, T, ...] to length `t_pad`."""
+    extra = t_pad - x.shape[1]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (0, extra)
+    return jnp.pad(x, widths)
+
+
+def group_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:
+    """[..., H, K] -> [..., Hk, G, K]: query head h reads kv head h // G (the repeat_kv convention)."""
+    *lead, H, K = q.shape
+    return q.reshape(*lead, num_kv_heads, H // num_kv_heads, K)
+
+
+def ungroup_queries(o: jax.Array) -> jax.Array:
+    """[..., Hk, G, V] -> [..., H, V]; inverse of `group_queries`."""
+    *lead, Hk, G, V = o.shape
+    return o.reshape(*lead, Hk * G, V)
+
+
+def backend() -> str:
+    """The default JAX backend platform ('cpu', 'gpu', 'tpu')."""
+    return jax.default_backend()
