@@ -1,6 +1,6 @@
 """Perplexity of a model on a text file over non-overlapping windows.
 
-    python -m eval.perplexity --model smollm2-135m --text FILE [--window 512] [--max-tokens N] [--json OUT]
+python -m eval.perplexity --model smollm2-135m --text FILE [--window 512] [--max-tokens N] [--json OUT]
 """
 
 from __future__ import annotations
@@ -16,13 +16,16 @@ from dsla_jax.metrics import perplexity
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eval.perplexity", description="Perplexity over non-overlapping windows.")
+    p = argparse.ArgumentParser(
+        prog="python -m eval.perplexity", description="Perplexity over non-overlapping windows."
+    )
     p.add_argument("--model", default="smollm2-135m", help="alias, HF directory or .gguf file (default: %(default)s)")
     p.add_argument("--text", required=True, help="UTF-8 text file, or builtin:NAME (e.g. builtin:hamlet)")
     p.add_argument("--window", type=int, default=512, help="tokens per window (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of the text")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--compare-hf", action="store_true", help="also run transformers (torch) on the same token ids")
     p.add_argument("--json", type=Path, help="write the result here as JSON")
     return p
 
@@ -40,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {e}") from None
     result.update({"model": str(args.model), "text": str(args.text), "window": args.window, "dtype": args.dtype})
     print(f"perplexity {result['ppl']:.4f} over {result['tokens']} predicted tokens in {result['windows']} windows")
+    if args.compare_hf:
+        from eval.hf_reference import hf_perplexity, load_hf_model
+
+        ref = hf_perplexity(load_hf_model(args.model), ids, window=args.window)
+        result["transformers"] = ref
+        result["ratio_to_transformers"] = result["ppl"] / ref["ppl"]
+        print(f"transformers perplexity {ref['ppl']:.4f} on the same ids; ratio {result['ratio_to_transformers']:.5f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

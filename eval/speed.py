@@ -46,9 +46,7 @@ def time_hf(hf, ids: np.ndarray, new_tokens: int, repeats: int) -> dict:
             hf(x, use_cache=True, logits_to_keep=1)
             prefill.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            out = hf.generate(
-                x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
-            )
+            out = hf.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
             total.append(time.perf_counter() - t0)
     p, t = statistics.median(prefill), statistics.median(total)
     b = ids.shape[0]
@@ -98,15 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = {"dsla-jax (JAX, jitted)": time_jax(Generator(model), ids, args.new_tokens, args.repeats)}
     if not args.no_hf:
         rows["transformers generate (torch)"] = time_hf(_hf_model(args.model), ids, args.new_tokens, args.repeats)
-    print(f"\nB={args.batch} prompt={args.prompt_tokens} new={args.new_tokens} float32 greedy, "
-          f"{jax.devices()[0].device_kind} ({platform.processor() or platform.machine()})")
+    print(
+        f"\nB={args.batch} prompt={args.prompt_tokens} new={args.new_tokens} float32 greedy, "
+        f"{jax.devices()[0].device_kind} ({platform.processor() or platform.machine()})"
+    )
     print(f"{'engine':34s} {'prefill tok/s':>14s} {'decode tok/s':>13s}")
     for name, r in rows.items():
         print(f"{name:34s} {r['prefill_tokens_per_s']:14.1f} {r['decode_tokens_per_s']:13.1f}")
     if len(rows) == 2:
         a, b = rows.values()
         same = a["tokens"] == b["tokens"]
-        print(f"greedy tokens identical: {same}; decode speed-up {a['decode_tokens_per_s'] / b['decode_tokens_per_s']:.2f}x")
+        speedup = a["decode_tokens_per_s"] / b["decode_tokens_per_s"]
+        print(f"greedy tokens identical: {same}; decode speed-up {speedup:.2f}x")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         out = {k: {kk: vv for kk, vv in v.items() if kk != "tokens"} for k, v in rows.items()}

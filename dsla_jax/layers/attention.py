@@ -15,9 +15,7 @@ from dsla_jax.layers.rope import apply_rope
 KVCache = dict[str, jax.Array]  # {"k": [B, S, Hk, D], "v": [B, S, Hk, D]}
 
 
-def grouped_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float
-) -> jax.Array:
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float) -> jax.Array:
     """Softmax attention where H query heads share Hk key/value heads (query head h reads kv head h // (H // Hk)).
 
     q: [B, T, H, D]; k, v: [B, S, Hk, D]; mask: [B, T, S] bool (True = may attend) -> [B, T, H, D] in q's dtype.

@@ -74,7 +74,7 @@ class DSLA(nnx.Module):
     def from_attention(
         cls, attn: Attention, config: LlamaConfig, *, grouped: bool = True, rngs: nnx.Rngs, **kw: Any
     ) -> DSLA:
-        """A DSLA layer whose q/k/v/o projections are copies of `attn`'s (K/V repeated per query head if not grouped)."""
+        """DSLA whose q/k/v/o projections copy `attn`'s (K/V repeated to every query head when not grouped)."""
         layer = cls(config, grouped=grouped, dtype=attn.dtype, rngs=rngs, **kw)
         layer.q_proj.kernel.set_value(attn.q_proj.kernel.get_value())
         layer.o_proj.kernel.set_value(attn.o_proj.kernel.get_value())

@@ -39,9 +39,7 @@ def _set_layers(model: Llama) -> None:
     model.config = model.config.replace(dsla_layers=dsla)
 
 
-def convert_to_dsla(
-    model: Llama, i: int, params: dict[str, np.ndarray] | None = None, *, fresh: bool = False
-) -> DSLA:
+def convert_to_dsla(model: Llama, i: int, params: dict[str, np.ndarray] | None = None, *, fresh: bool = False) -> DSLA:
     """Make layer i a DSLA layer and return it.
 
     params: DSLA tensors as `DSLA.extra_state_dict()` gives them (e.g. from a distillation checkpoint). Without them,
@@ -79,7 +77,9 @@ def dsla_state_dict(model: Llama) -> dict[str, np.ndarray]:
     out = {}
     for i, layer in enumerate(model.layers):
         if isinstance(layer.self_attn, DSLA):
-            out.update({f"model.layers.{i}.self_attn.dsla.{k}": v for k, v in layer.self_attn.extra_state_dict().items()})
+            out.update(
+                {f"model.layers.{i}.self_attn.dsla.{k}": v for k, v in layer.self_attn.extra_state_dict().items()}
+            )
     return out
 
 

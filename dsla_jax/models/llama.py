@@ -55,7 +55,10 @@ class Llama(nnx.Module):
             config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
         self.layers = nnx.List(
-            [DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(config.num_hidden_layers)]
+            [
+                DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                for _ in range(config.num_hidden_layers)
+            ]
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.lm_head = nnx.data(
@@ -93,7 +96,7 @@ class Llama(nnx.Module):
         """tokens [B, T] int -> (final hidden states [B, T, D] after the last norm, updated cache or None).
 
         positions [B, T] default to 0..T-1; valid [B, T] (False = padding) defaults to all True. With a cache, this
-        call's tokens occupy slots cache["index"] .. cache["index"] + T - 1 and the returned cache's index moves past them.
+        call's tokens occupy slots cache["index"] .. cache["index"] + T - 1; the returned cache's index moves past them.
         """
         b, t = tokens.shape
         if valid is None:

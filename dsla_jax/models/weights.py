@@ -67,7 +67,9 @@ def load_llama(
         expected = tuple(var.get_value().shape)
         if arr.shape != expected:
             shown = arr.T.shape if transposed else arr.shape
-            raise ValueError(f"tensor {name!r} has shape {shown}, config expects {expected[::-1] if transposed else expected}")
+            raise ValueError(
+                f"tensor {name!r} has shape {shown}, config expects {expected[::-1] if transposed else expected}"
+            )
         var.set_value(jnp.asarray(arr, dtype=param_dtype))
     if config.dsla_layers:
         from dsla_jax.models.hybrid import convert_to_dsla
