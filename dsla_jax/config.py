@@ -154,3 +154,35 @@ class LlamaConfig:
             d["dsla_layers"] = list(self.dsla_layers)
             d["dsla_grouped"] = self.dsla_grouped
         return d
+
+
+def parse_layers(spec: str | None, num_layers: int) -> tuple[int, ...]:
+    """Layer-set syntax of the command lines: "" / "none", "all", "every-other" (0, 2, 4, ...), "first:N", "last:N",
+    "frac:0.5" (the first half, rounded), or a comma list "0,3,5". Raises ConfigError on indices out of range."""
+    spec = (spec or "").strip().lower()
+    if spec in ("", "none"):
+        layers: tuple[int, ...] = ()
+    elif spec == "all":
+        layers = tuple(range(num_layers))
+    elif spec == "every-other":
+        layers = tuple(range(0, num_layers, 2))
+    elif spec.startswith(("first:", "last:", "frac:")):
+        kind, _, value = spec.partition(":")
+        try:
+            n = round(float(value) * num_layers) if kind == "frac" else int(value)
+        except ValueError:
+            raise ConfigError(f"bad layer spec {spec!r}") from None
+        if not 0 <= n <= num_layers:
+            raise ConfigError(f"layer spec {spec!r} asks for {n} of {num_layers} layers")
+        layers = tuple(range(n)) if kind != "last" else tuple(range(num_layers - n, num_layers))
+    else:
+        try:
+            layers = tuple(int(x) for x in spec.split(",") if x.strip())
+        except ValueError:
+            raise ConfigError(
+                f"bad layer spec {spec!r}: use none, all, every-other, first:N, last:N, frac:F or a list like 0,2,5"
+            ) from None
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ConfigError(f"layers {bad} out of range for a model with {num_layers} layers")
+    return tuple(sorted(set(layers)))

@@ -196,7 +196,9 @@ def _decode(graphdef, state, logits, cache, next_pos, rng, temperature, top_p, e
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dsla_jax.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m", help="alias, HF directory or .gguf file (default: %(default)s)")
+    from dsla_jax.loading import add_model_args
+
+    add_model_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--batch-file", type=Path, help="a text file with one prompt per line, generated as one batch")
@@ -206,14 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--json", type=Path, help="also write prompts, completions and timings here")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from dsla_jax.loading import load_model
+    from dsla_jax.loading import load_from_args
 
     if args.batch_file is not None:
         if not args.batch_file.is_file():
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         texts = [args.prompt]
     try:
         params = SamplingParams(args.max_new_tokens, args.greedy, args.temperature, args.top_p, args.seed)
-        model, tok = load_model(args.model, dtype=args.dtype)
+        model, tok = load_from_args(args)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if args.chat:

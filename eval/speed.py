@@ -21,7 +21,7 @@ import numpy as np
 
 from dsla_jax.data.builtin import resolve_text
 from dsla_jax.generate import Generator, SamplingParams
-from dsla_jax.loading import load_model
+from dsla_jax.loading import add_model_args, load_from_args
 
 
 def _hf_model(spec: str):
@@ -77,7 +77,7 @@ def time_jax(gen: Generator, ids: np.ndarray, new_tokens: int, repeats: int) -> 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval.speed", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    add_model_args(ap)
     ap.add_argument("--text", default="builtin:hamlet", help="where the prompt tokens come from")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -87,13 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
-    model, tok = load_model(args.model)
+    model, tok = load_from_args(args)
     ids = tok.encode(resolve_text(args.text).read_text(encoding="utf-8"))
     need = args.prompt_tokens * args.batch
     if len(ids) < need:
         raise SystemExit(f"error: the text has {len(ids)} tokens, {need} needed")
     ids = np.asarray(ids[:need], np.int64).reshape(args.batch, args.prompt_tokens)
-    rows = {"dsla-jax (JAX, jitted)": time_jax(Generator(model), ids, args.new_tokens, args.repeats)}
+    name = f"dsla-jax ({len(model.config.dsla_layers)} DSLA layers)"
+    rows = {name: time_jax(Generator(model), ids, args.new_tokens, args.repeats)}
     if not args.no_hf:
         rows["transformers generate (torch)"] = time_hf(_hf_model(args.model), ids, args.new_tokens, args.repeats)
     print(

@@ -123,3 +123,41 @@ def test_generator_refresh_after_swap(base):
     gen.refresh()
     assert gen.generate([[3, 4, 5]], params).tokens == before
     assert isinstance(during[0], list)
+
+
+def test_dsla_checkpoint_round_trip_and_wrong_model(base, tmp_path):
+    from dsla_jax.checkpoints import CheckpointError
+    from dsla_jax.checkpoints.dsla_params import check_compatible, load_dsla_params, save_dsla_params
+
+    config, sd = base
+    model = _hybrid(base, (1, 2))
+    model.layers[2].self_attn.g1_proj.bias.set_value(jnp.full((32,), 0.5))
+    path = save_dsla_params(tmp_path / "dsla", dsla_state_dict(model), model.config, base_model="tiny")
+    meta, tensors = load_dsla_params(path)
+    assert meta["dsla_layers"] == [1, 2] and meta["dsla_grouped"] is True
+    fresh = load_llama(config, sd)
+    load_dsla_state_dict(fresh, tensors)
+    tokens = jnp.asarray(np.random.RandomState(4).randint(0, 128, (1, 30)))
+    np.testing.assert_array_equal(
+        np.asarray(fresh.logits(fresh(tokens)[0])), np.asarray(model.logits(model(tokens)[0]))
+    )
+    with pytest.raises(CheckpointError, match="trained on a different model.*hidden_size: checkpoint 64 vs model 96"):
+        check_compatible(meta, config.replace(hidden_size=96, head_dim=24), path)
+    with pytest.raises(CheckpointError, match="is not a DSLA checkpoint"):
+        load_dsla_params(tmp_path)
+    with pytest.raises(CheckpointError, match="exists and is not empty"):
+        save_dsla_params(path, dsla_state_dict(model), model.config, base_model="tiny")
+
+
+def test_layer_specs():
+    from dsla_jax.config import ConfigError, parse_layers
+
+    assert parse_layers("every-other", 5) == (0, 2, 4)
+    assert parse_layers("frac:0.5", 30) == tuple(range(15))
+    assert parse_layers("last:2", 4) == (2, 3)
+    assert parse_layers("3, 1", 4) == (1, 3)
+    assert parse_layers(None, 4) == ()
+    with pytest.raises(ConfigError, match=r"layers \[7\] out of range for a model with 4 layers"):
+        parse_layers("1,7", 4)
+    with pytest.raises(ConfigError, match="bad layer spec 'x'"):
+        parse_layers("x", 4)

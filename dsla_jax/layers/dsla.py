@@ -146,8 +146,8 @@ class DSLA(nnx.Module):
             if name not in params:
                 raise ValueError(f"DSLA parameters have no tensor {name!r}")
             arr = np.asarray(params[name], np.float32)
-            arr = arr.T if transposed else arr
             expected = tuple(var.get_value().shape)
+            expected = expected[::-1] if transposed else expected  # HF layout
             if arr.shape != expected:
                 raise ValueError(f"DSLA tensor {name!r} has shape {arr.shape}, layer expects {expected}")
-            var.set_value(jnp.asarray(arr, var.get_value().dtype))
+            var.set_value(jnp.asarray(arr.T if transposed else arr, var.get_value().dtype))
