@@ -1,0 +1,1 @@
+"""Command-line entry points for training: `python -m train.distill`, `python -m train.ordering`."""
