@@ -1,0 +1,317 @@
+"""Public entries of the DSLA Pallas kernels: `dsla_attention_pallas` (prefill / training) and
+`dsla_decode_step_pallas` (one token).
+
+Layers, as FLA: kernels (`pallas_gpu`: Triton lowering; `pallas_tpu`: Mosaic TPU; `pallas_decode`) ->
+`_fwd` / `_bwd` drivers (padding to whole chunks, segment chaining in XLA, the gate gradient) -> a `jax.custom_vjp`
+whose residuals are the inputs plus one float32 state pair per segment (the backward recomputes everything else) ->
+the public functions with shape checks, grouped-query expansion and defaults.
+
+Backward, per state (w its mix weight, B the global inclusive cumsum of its gates):
+    dq     = sum_s w_s dq_s,  dq_s = scale * H_s,t dO_t (kernel `dq`, forward in time);
+    dk, dv = sums over the states of the adjoint recurrence (kernel `dkv`, backward in time);
+    dw_s   = sum_t q_t . dq_s,t;
+    dg_s,t = sum_{i >= t} (w_s q_i * dq_s,i - k_i * dk_s,i) + sum_V (S_s,T * dS_s,T)   (a reverse cumsum).
+
+None of the kernel modules is imported before a kernel is needed, and none needs a GPU to import.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from dsla_jax.ops.utils import check_gla_shapes, check_mix, resolve_scale
+
+f32 = jnp.float32
+BACKENDS = ("gpu", "tpu")
+
+
+def _resolve_backend(backend: str | None, interpret) -> str:
+    if backend is None:
+        backend = jax.default_backend()
+        if backend == "cuda" or backend == "rocm":
+            backend = "gpu"
+        if backend == "cpu":
+            if not interpret:
+                raise ValueError(
+                    "the DSLA Pallas kernels need a GPU or TPU; on CPU pass interpret=True and backend='gpu' or 'tpu'"
+                )
+            backend = "gpu"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    return backend
+
+
+def _check_chunk(chunk_size: int) -> None:
+    if not isinstance(chunk_size, int) or chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16 for the Pallas kernels, got {chunk_size!r}")
+
+
+def _expand_heads(x: jax.Array, G: int, axis: int) -> jax.Array:
+    """Repeat kv heads for their G query heads (query head h reads kv head h // G)."""
+    return x if G == 1 else jnp.repeat(x, G, axis=axis)
+
+
+def _pad_time(x: jax.Array, T_pad: int) -> jax.Array:
+    extra = T_pad - x.shape[1]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (0, extra)
+    return jnp.pad(x, widths)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU drivers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _gpu_fwd(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret):
+    """Forward on the padded, head-expanded problem. h0: [B * H, 2, K, V]. Returns (o, s_T, s_in)."""
+    from dsla_jax.ops.dsla import pallas_gpu as kg
+
+    BH = h0.shape[0]
+    if P > 1:
+        s_loc, dec = kg.seg_states_gpu(k, v, g1, g2, P=P, first=0, count=P - 1, cfg=cfg, interpret=interpret)
+        s_in = [h0]
+        for p in range(P - 1):
+            s_in.append(jnp.exp(dec[:, p])[..., None] * s_in[-1] + s_loc[:, p])
+        s_in = jnp.stack(s_in, axis=1)
+    else:
+        s_in = h0.reshape(BH, 1, *h0.shape[1:])
+    o, s_T = kg.fwd_gpu(q, k, v, g1, g2, w, s_in, scale=scale, cfg=cfg, P=P, interpret=interpret)
+    return o, s_T, s_in
+
+
+def _gpu_bwd(res, do, ds_T, *, scale, cfg, P, interpret):
+    """Gradients of the padded problem. ds_T: [B * H, 2, K, V]. Returns per-state (dq_s, dk_s, dv_s) and dh0."""
+    from dsla_jax.ops.dsla import pallas_gpu as kg
+
+    q, k, v, g1, g2, w, s_in, _ = res
+    ws = w * scale
+    if P > 1:
+        lsum, dec = kg.seg_states_gpu(
+            q, do, g1, g2, P=P, first=1, count=P - 1, cfg=cfg, reverse=True, interpret=interpret
+        )
+        ds_end = [ds_T]
+        for p in range(P - 2, -1, -1):  # segment p ends where segment p + 1 starts
+            ds_end.append(jnp.exp(dec[:, p])[..., None] * ds_end[-1] + ws[None, :, None, None] * lsum[:, p])
+        ds_end = jnp.stack(ds_end[::-1], axis=1)
+    else:
+        ds_end = ds_T[:, None]
+    g = jnp.stack([g1, g2])
+    dq_s = kg.bwd_dq_gpu(q, k, v, do, g, s_in, scale=scale, cfg=cfg, P=P, interpret=interpret)
+    dk_s, dv_s, dh0 = kg.bwd_dkv_gpu(w, q, k, v, do, g, ds_end, scale=scale, cfg=cfg, P=P, interpret=interpret)
+    return dq_s, dk_s, dv_s, dh0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# custom_vjp core: [B, T, H, *] inputs with T padded and heads expanded; states [B * H, 2, K, V]
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _core(backend: str, scale: float, cfg, P: int, interpret):
+    """The differentiable kernel call for one static configuration: (q, k, v, g1, g2, w, h0) -> (o, s_T)."""
+
+    def fwd_impl(q, k, v, g1, g2, w, h0):
+        if backend == "gpu":
+            o, s_T, s_in = _gpu_fwd(q, k, v, g1, g2, w, h0, scale=scale, cfg=cfg, P=P, interpret=interpret)
+        else:
+            from dsla_jax.ops.dsla import pallas_tpu as kt
+
+            o, s_T = kt.fwd_tpu(q, k, v, g1, g2, w, h0, scale=scale, cfg=cfg, interpret=interpret)
+            s_in = h0
+        return o, s_T, s_in
+
+    @jax.custom_vjp
+    def core(q, k, v, g1, g2, w, h0):
+        o, s_T, _ = fwd_impl(q, k, v, g1, g2, w, h0)
+        return o, s_T
+
+    def core_fwd(q, k, v, g1, g2, w, h0):
+        o, s_T, s_in = fwd_impl(q, k, v, g1, g2, w, h0)
+        return (o, s_T), (q, k, v, g1, g2, w, s_in, s_T)
+
+    def core_bwd(res, cts):
+        do, ds_T = cts
+        q, k, v, g1, g2, w, s_in, s_T = res
+        B, T, H, K = q.shape
+        do = do.astype(q.dtype)
+        ds_T = ds_T.astype(f32)
+        if backend == "gpu":
+            dq_s, dk_s, dv_s, dh0 = _gpu_bwd(res, do, ds_T, scale=scale, cfg=cfg, P=P, interpret=interpret)
+        else:
+            from dsla_jax.ops.dsla import pallas_tpu as kt
+
+            dq_s, dk_s, dv_s, dh0 = kt.bwd_tpu(res, do, ds_T, scale=scale, cfg=cfg, interpret=interpret)
+        q32, k32 = q.astype(f32), k.astype(f32)
+        dw = jnp.stack([jnp.sum(q32 * dq_s[0]), jnp.sum(q32 * dq_s[1])])
+        # d(log-decay) per token, then the reverse cumsum over time; the final-state term reaches every token.
+        fin = jnp.sum(s_T * ds_T, axis=-1).reshape(B, H, 2, K)  # [B, H, 2, K]
+        dg = []
+        for s in range(2):
+            r = w[s] * q32 * dq_s[s] - k32 * dk_s[s]
+            dg.append(jax.lax.cumsum(r, axis=1, reverse=True) + fin[:, None, :, s, :])
+        dq = w[0] * dq_s[0] + w[1] * dq_s[1]
+        return (
+            dq.astype(q.dtype),
+            (dk_s[0] + dk_s[1]).astype(k.dtype),
+            (dv_s[0] + dv_s[1]).astype(v.dtype),
+            dg[0].astype(g1.dtype),
+            dg[1].astype(g2.dtype),
+            dw.astype(w.dtype),
+            dh0,
+        )
+
+    core.defvjp(core_fwd, core_bwd)
+    return core
+
+
+def _gpu_config(chunk_size: int, config, dtype):
+    """Default GPU tiles for `chunk_size`; bfloat16 runs use tf32 matmuls, float32 runs exact float32 ones."""
+    from dsla_jax.ops.dsla.pallas_gpu import GpuConfig
+
+    if config is None:
+        dot = "tf32" if dtype == jnp.bfloat16 else "ieee"
+        config = GpuConfig(chunk=chunk_size, bwd_chunk=min(32, chunk_size), state_dot=dot, intra_dot=dot)
+    return config
+
+
+def _tpu_config(chunk_size: int, config):
+    from dsla_jax.ops.dsla.pallas_tpu import TpuConfig
+
+    return TpuConfig(chunk=chunk_size) if config is None else config
+
+
+def dsla_attention_pallas(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g1: jax.Array,
+    g2: jax.Array,
+    mix: jax.Array,
+    *,
+    scale: float | None = None,
+    initial_state: tuple[jax.Array, jax.Array] | None = None,
+    chunk_size: int = 64,
+    backend: str | None = None,
+    interpret=False,
+    config=None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Dual-state linear attention over a sequence by the Pallas kernels (differentiable).
+
+    Args:
+        q: [B, T, H, K] queries (bfloat16 or float32; K = 64 or 128 tested).
+        k: [B, T, Hk, K] keys; H % Hk == 0, query head h reads kv head h // (H // Hk).
+        v: [B, T, Hk, V] values.
+        g1, g2: [B, T, Hk, K] per-channel log forget gates in [-50, 0] (any value <= 0 is exact).
+        mix: [2] weights of the two states' outputs.
+        scale: output scale, default K ** -0.5.
+        initial_state: pair (S1, S2) of [B, Hk, K, V] float32, or None (zeros).
+        chunk_size: tokens per chunk (a power of two >= 16); T need not be a multiple of it (padded inside).
+        backend: "gpu" (Triton lowering) or "tpu" (Mosaic TPU); default from `jax.default_backend()`.
+        interpret: run the kernels in the Pallas interpreter (True, or `pltpu.InterpretParams()` for the TPU kernels).
+        config: a `pallas_gpu.GpuConfig` / `pallas_tpu.TpuConfig` overriding tiles and launch parameters.
+
+    Returns:
+        o [B, T, H, V] in q's dtype and the final states (S1, S2), each [B, Hk, K, V] float32.
+
+    Example:
+        >>> o, (s1, s2) = dsla_attention_pallas(q, k, v, g1, g2, jnp.array([0.5, 0.5]))
+    """
+    if initial_state is not None and (not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2):
+        raise ValueError(f"initial_state must be None or a pair (S1, S2), got {type(initial_state).__name__}")
+    s01, s02 = (None, None) if initial_state is None else initial_state
+    B, T, H, Hk, K, V = check_gla_shapes(q, k, v, (g1, g2), (s01, s02), gate_names=("g1", "g2"))
+    check_mix(mix)
+    _check_chunk(chunk_size)
+    if q.dtype not in (jnp.bfloat16, jnp.float32):
+        raise ValueError(f"q dtype must be bfloat16 or float32, got {q.dtype}")
+    backend = _resolve_backend(backend, interpret)
+    scale = resolve_scale(scale, K)
+    G = H // Hk
+    zeros = jnp.zeros((B, Hk, K, V), f32)
+    h0 = jnp.stack([zeros if s is None else s.astype(f32) for s in (s01, s02)], axis=2)  # [B, Hk, 2, K, V]
+    if T == 0:
+        return jnp.zeros((B, 0, H, V), q.dtype), (h0[:, :, 0], h0[:, :, 1])
+
+    if backend == "gpu":
+        from dsla_jax.ops.dsla.pallas_gpu import pick_segments
+
+        cfg = _gpu_config(chunk_size, config, q.dtype)
+        BT = cfg.chunk
+        n_chunks = math.ceil(T / BT)
+        P = cfg.num_segments or pick_segments(B * H, n_chunks, V // min(cfg.block_v, V))
+        P = max(1, min(P, n_chunks))
+        T_pad = P * math.ceil(n_chunks / P) * BT
+    else:
+        cfg = _tpu_config(chunk_size, config)
+        P = 1
+        T_pad = cfg.chunk * math.ceil(T / cfg.chunk)
+
+    dt = q.dtype
+    k, v, g1, g2 = (_expand_heads(_pad_time(x.astype(dt), T_pad), G, 2) for x in (k, v, g1, g2))
+    q = _pad_time(q, T_pad)
+    h0 = _expand_heads(h0, G, 1).reshape(B * H, 2, K, V)
+    core = _core(backend, scale, cfg, P, interpret)
+    o, s_T = core(q, k, v, g1, g2, mix.astype(f32), h0)
+    s_T = s_T.reshape(B, H, 2, K, V)[:, ::G]
+    return o[:, :T], (s_T[:, :, 0], s_T[:, :, 1])
+
+
+def dsla_decode_step_pallas(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g1: jax.Array,
+    g2: jax.Array,
+    mix: jax.Array,
+    state: tuple[jax.Array, jax.Array],
+    *,
+    scale: float | None = None,
+    backend: str | None = None,
+    interpret=False,
+    block_v: int | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Advance both DSLA states by one token and read them out, in one kernel (each state byte read and written once).
+
+    Args:
+        q: [B, H, K] query of the new token.
+        k: [B, Hk, K] key; H % Hk == 0.
+        v: [B, Hk, V] value.
+        g1, g2: [B, Hk, K] log forget gates (<= 0).
+        mix: [2] weights of the two states' outputs.
+        state: pair (S1, S2) of [B, Hk, K, V] float32 states before the token.
+        scale: output scale, default K ** -0.5.
+        backend, interpret: as `dsla_attention_pallas`.
+        block_v: value tile of a program (default: 32 on GPU, V on TPU).
+
+    Returns:
+        o [B, H, V] in q's dtype and the new states (S1, S2), each [B, Hk, K, V] float32.
+    """
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        raise ValueError(f"state must be a pair (S1, S2) of [B, Hk, K, V] arrays, got {type(state).__name__}")
+    B, _, H, Hk, K, V = check_gla_shapes(q, k, v, (g1, g2), state, decode=True, gate_names=("g1", "g2"))
+    check_mix(mix)
+    backend = _resolve_backend(backend, interpret)
+    scale = resolve_scale(scale, K)
+    from dsla_jax.ops.dsla.pallas_decode import decode_step
+
+    return decode_step(
+        q,
+        k,
+        v,
+        g1,
+        g2,
+        mix.astype(f32),
+        state[0].astype(f32),
+        state[1].astype(f32),
+        scale=scale,
+        backend=backend,
+        interpret=interpret,
+        block_v=block_v,
+    )

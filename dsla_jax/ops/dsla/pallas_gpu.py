@@ -1,0 +1,520 @@
+"""DSLA Pallas kernels for GPUs (Triton lowering): chunked forward, segment summaries and the two backward kernels.
+
+Notation (as FLA): B batch, T time (padded to a multiple of the chunk size times the number of segments), H heads
+(k, v and gates already expanded to the query heads by the caller), K key dim, V value dim, BT chunk, BV value tile,
+P segments, NC chunks per segment. Per chunk and state, with b the inclusive cumsum of the log gates inside the chunk
+(b <= 0, decreasing) and bL its last row,
+
+    o_i    = scale * [ (q_i * exp(b_i)) S + sum_{j <= i} A_ij v_j ],   A_ij = sum_K q_i k_j exp(b_i - b_j)
+    S_next = diag(exp(bL)) S + sum_j (k_j * exp(bL - b_j))^T v_j.
+
+Exponents. exp(b_i) and exp(bL - b_j) have exponents <= 0. The intra-chunk scores take one of two paths per chunk
+and state, chosen at run time:
+
+* fast (tensor cores): when the chunk's decay range R = max_K(-bL) is at most `thresh` (40 by default), A is one
+  matmul of q * exp(b - bL/2) and k * exp(bL/2 - b): both exponents lie in [-R/2, R/2], so every factor is within
+  exp(+-20) and each product q_ik k_jk exp(b_ik - b_jk) is formed to a rounding of its true value (nothing overflows
+  or is lost). exp(b) and exp(bL - b) are then these factors times exp(bL/2) <= 1.
+* exact (elementwise): otherwise (gates near -50 reach R = 3200 in a 64-token chunk) A is built column by column as
+  sum_K q_i k_j exp(min(b_i - b_j, 0)), every exponent <= 0.
+
+Parallelism. A GPU needs ~2 programs per SM; at B = 1 there are only B * H * (V / BV) heads-tiles, so the sequence is
+cut into P segments: `seg_states_gpu` computes each segment's state contribution from zero (and its total log
+decay), the caller chains the P summaries in XLA (P is small), and `fwd_gpu` runs every segment from its entering
+state in parallel. The backward kernels reuse this: `seg_states_gpu(reverse=True)` summarises the reverse (adjoint)
+recurrence, `bwd_dq_gpu` runs forward in time from the saved segment states, `bwd_dkv_gpu` backward in time.
+
+Every kernel accumulates in float32 and carries its states in registers; nothing per-token but the outputs is
+written. Kernels take full arrays (no BlockSpecs) and load [BT, *] tiles at computed offsets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+f32 = jnp.float32
+
+# Largest per-channel decay range of a chunk (in nats) for the matmul path of the intra-chunk scores.
+THRESH = 40.0
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuConfig:
+    """Static tile and launch choices of the GPU kernels (hashable: a `custom_vjp` non-diff argument).
+
+    Attributes:
+        chunk: BT, tokens per chunk (power of two, >= 16).
+        block_v: BV, value tile of the forward kernels (power of two dividing V).
+        num_segments: P, sequence segments run in parallel (None: chosen from B * H, see `pick_segments`).
+        num_warps, num_stages: Triton launch parameters of the forward kernels.
+        bwd_chunk, bwd_num_warps, bwd_num_stages: the same for the backward kernels (bwd_chunk divides chunk).
+        state_dot: operand precision of the matmuls with a state: "tf32", "bf16" or "ieee" (float32 exact).
+        intra_dot: operand precision of the intra-chunk matmuls (scores and scores @ v).
+        thresh: decay range bound of the fast intra-chunk path (see module docstring).
+    """
+
+    chunk: int = 64
+    block_v: int = 64
+    num_segments: int | None = None
+    num_warps: int = 8
+    num_stages: int = 2
+    bwd_chunk: int = 32
+    bwd_num_warps: int = 8
+    bwd_num_stages: int = 2
+    state_dot: str = "tf32"
+    intra_dot: str = "tf32"
+    thresh: float = THRESH
+
+
+def pick_segments(batch_heads: int, num_chunks: int, v_tiles: int, target_programs: int = 264) -> int:
+    """Segments P so that B * H * V-tiles * P reaches ~2 programs per SM (132 SMs on an H100), P | a power of 2."""
+    p = 1
+    while batch_heads * v_tiles * p < target_programs and p * 2 <= max(1, num_chunks // 4):
+        p *= 2
+    return p
+
+
+def _compiler_params(num_warps: int, num_stages: int, interpret):
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as pl_triton
+
+    return pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# In-kernel math on loaded [BT, *] tiles (shared by all kernels; no slicing of values: Triton cannot).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _mm(a: jax.Array, b: jax.Array, mode: str, ta: bool = False, tb: bool = False) -> jax.Array:
+    """a @ b (a^T if ta, b^T if tb) accumulated in float32, operands rounded as `mode` says."""
+    if mode == "bf16":
+        a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+        precision = None
+    elif mode == "tf32":
+        a, b = a.astype(f32), b.astype(f32)
+        precision = lax.Precision.DEFAULT
+    elif mode == "ieee":
+        a, b = a.astype(f32), b.astype(f32)
+        precision = lax.Precision.HIGHEST
+    else:
+        raise ValueError(f"unknown dot mode {mode!r}")
+    dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=f32)
+
+
+def _iota(shape: tuple[int, int], dim: int) -> jax.Array:
+    return lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+def _row(x: jax.Array, j) -> jax.Array:
+    """Row j of a [BT, D] tile as [D] (a masked sum: register tiles cannot be sliced in Triton)."""
+    return jnp.sum(jnp.where(_iota(x.shape, 0) == j, x, 0.0), axis=0)
+
+
+def _col(x: jax.Array, j) -> jax.Array:
+    """Column j of a [BT, BT] tile as [BT]."""
+    return jnp.sum(jnp.where(_iota(x.shape, 1) == j, x, 0.0), axis=1)
+
+
+def _cumsum_rows(g: jax.Array, tril: bool) -> jax.Array:
+    """Inclusive cumsum over rows: a scan (Triton) or a float32 matmul with a lower-triangular ones matrix (TPU)."""
+    if not tril:
+        return jnp.cumsum(g, axis=0)
+    BT = g.shape[0]
+    ones = (_iota((BT, BT), 0) >= _iota((BT, BT), 1)).astype(f32)
+    return jnp.dot(ones, g, precision=lax.Precision.HIGHEST, preferred_element_type=f32)
+
+
+def _gate_sums(g: jax.Array, tril: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(b, bL, R): inclusive cumsum [BT, K], its last row [K], the decay range max_K(-bL) (scalar)."""
+    b = _cumsum_rows(g, tril)
+    bL = jnp.sum(g, axis=0)
+    return b, bL, -jnp.min(bL)
+
+
+def _fast_factors(b: jax.Array, bL: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(exp(b - m), exp(m - b), exp(m)) with m = bL / 2: factors within exp(+-R/2) of the fast path."""
+    m = 0.5 * bL
+    return jnp.exp(b - m[None, :]), jnp.exp(m[None, :] - b), jnp.exp(m)
+
+
+def _decay_from(b: jax.Array, j) -> jax.Array:
+    """exp(min(b_i - b_j, 0)) for every row i ([BT, K]); rows i < j (clamped to 1) are masked by the callers."""
+    return jnp.exp(jnp.minimum(b - _row(b, j)[None, :], 0.0))
+
+
+def _causal(BT: int) -> jax.Array:
+    return _iota((BT, BT), 0) >= _iota((BT, BT), 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Numerics:
+    """Matmul operand precisions ("tf32", "bf16", "ieee") and the fast-path bound of the chunk math."""
+
+    state_dot: str = "tf32"
+    intra_dot: str = "tf32"
+    thresh: float = THRESH
+    tril: bool = False  # cumsum by matmul (TPU) instead of a scan (Triton)
+
+
+def _fwd_terms(q, k, g, nm: Numerics):
+    """Per chunk and state: (q * exp(b), k * exp(bL - b), A masked to j <= i, bL)."""
+    BT = q.shape[0]
+    b, bL, R = _gate_sums(g, nm.tril)
+
+    def fast():
+        ef, ei, em = _fast_factors(b, bL)
+        qf, kf = q * ef, k * ei
+        return qf * em[None, :], kf * em[None, :], _mm(qf, kf, nm.intra_dot, tb=True)
+
+    def exact():
+        cols = _iota((BT, BT), 1)
+
+        def col(j, a):
+            c = jnp.sum(q * _row(k, j)[None, :] * _decay_from(b, j), axis=1)
+            return jnp.where(cols == j, c[:, None], a)
+
+        a = lax.fori_loop(0, BT, col, jnp.zeros((BT, BT), f32))
+        return q * jnp.exp(b), k * jnp.exp(jnp.minimum(bL[None, :] - b, 0.0)), a
+
+    qd, kd, a = lax.cond(R <= nm.thresh, fast, exact)
+    return qd, kd, jnp.where(_causal(BT), a, 0.0), bL
+
+
+def fwd_chunk(q, k, v, g1, g2, w1, w2, s1, s2, *, scale: float, nm: Numerics):
+    """One chunk of the forward for both states.
+
+    Args:
+        q, k, g1, g2: [BT, K] float32; v: [BT, BV] float32; w1, w2: mix scalars; s1, s2: [K, BV] entering states.
+
+    Returns:
+        o [BT, BV] float32 and the two states after the chunk.
+    """
+    qd1, kd1, a1, bL1 = _fwd_terms(q, k, g1, nm)
+    qd2, kd2, a2, bL2 = _fwd_terms(q, k, g2, nm)
+    o = _mm(qd1 * w1, s1, nm.state_dot) + _mm(qd2 * w2, s2, nm.state_dot)
+    o = o + _mm(a1 * w1 + a2 * w2, v, nm.intra_dot)
+    s1 = jnp.exp(bL1)[:, None] * s1 + _mm(kd1, v, nm.state_dot, ta=True)
+    s2 = jnp.exp(bL2)[:, None] * s2 + _mm(kd2, v, nm.state_dot, ta=True)
+    return scale * o, s1, s2
+
+
+def seg_chunk(x, y, g, s, d, *, reverse: bool, nm: Numerics):
+    """One chunk of a segment summary for one state: s <- exp(bL) s + (x * e)^T y, d <- d + bL.
+
+    e = exp(bL - b) forward (x = k, y = v) or exp(b) reverse (x = q, y = do, chunks visited last to first).
+    """
+    b, bL, _ = _gate_sums(g, nm.tril)
+    e = jnp.exp(b) if reverse else jnp.exp(jnp.minimum(bL[None, :] - b, 0.0))
+    return jnp.exp(bL)[:, None] * s + _mm(x * e, y, nm.state_dot, ta=True), d + bL
+
+
+def dq_chunk(q, k, v, do, g, st, *, scale: float, nm: Numerics):
+    """One chunk of dq for one state (unweighted by the mix), forward in time.
+
+    Args:
+        q, k, g: [BT, K]; v, do: [BT, V]; st: [K, V] state entering the chunk.
+
+    Returns:
+        dq [BT, K] float32 and the state after the chunk.
+    """
+    BT = q.shape[0]
+    b, bL, R = _gate_sums(g, nm.tril)
+    da = jnp.where(_causal(BT), _mm(do, v, nm.intra_dot, tb=True), 0.0)  # [BT(i), BT(j)] = do_i . v_j
+
+    def fast():
+        ef, ei, em = _fast_factors(b, bL)
+        kf = k * ei
+        return ef * em[None, :], kf * em[None, :], ef * _mm(da, kf, nm.intra_dot)
+
+    def exact():
+        def col(j, acc):
+            return acc + _col(da, j)[:, None] * _row(k, j)[None, :] * _decay_from(b, j)
+
+        intra = lax.fori_loop(0, BT, col, jnp.zeros_like(q))
+        return jnp.exp(b), k * jnp.exp(jnp.minimum(bL[None, :] - b, 0.0)), intra
+
+    eq, kd, intra = lax.cond(R <= nm.thresh, fast, exact)
+    dq = scale * (_mm(do, st, nm.state_dot, tb=True) * eq + intra)
+    return dq, jnp.exp(bL)[:, None] * st + _mm(kd, v, nm.state_dot, ta=True)
+
+
+def dkv_chunk(q, k, v, do, g, ds, *, nm: Numerics):
+    """One chunk of dk, dv for one state, backward in time.
+
+    Args:
+        q, k, g: [BT, K]; v: [BT, V]; do: [BT, V] output gradient times mix weight times scale;
+        ds: [K, V] adjoint of the state leaving the chunk.
+
+    Returns:
+        dk [BT, K], dv [BT, V] float32 and the adjoint of the state entering the chunk.
+    """
+    BT = q.shape[0]
+    causal = _causal(BT)
+    b, bL, R = _gate_sums(g, nm.tril)
+    da = jnp.where(causal, _mm(do, v, nm.intra_dot, tb=True), 0.0)  # [BT(i), BT(j)]
+
+    def fast():
+        ef, ei, em = _fast_factors(b, bL)
+        qf, kf = q * ef, k * ei
+        a = _mm(qf, kf, nm.intra_dot, tb=True)
+        dk_intra = ei * _mm(da, qf, nm.intra_dot, ta=True)  # sum_i dA_ij q_i exp(b_i - b_j)
+        return qf * em[None, :], ei * em[None, :], a, dk_intra
+
+    def exact():
+        rows = _iota((BT, 1), 0)
+        cols = _iota((BT, BT), 1)
+
+        def col(j, carry):
+            a, dki = carry
+            e = _decay_from(b, j)  # [BT(i), K]
+            c = jnp.sum(q * _row(k, j)[None, :] * e, axis=1)
+            r = jnp.sum(_col(da, j)[:, None] * q * e, axis=0)  # [K]
+            return jnp.where(cols == j, c[:, None], a), jnp.where(rows == j, r[None, :], dki)
+
+        a, dki = lax.fori_loop(0, BT, col, (jnp.zeros((BT, BT), f32), jnp.zeros_like(q)))
+        return q * jnp.exp(b), jnp.exp(jnp.minimum(bL[None, :] - b, 0.0)), a, dki
+
+    qd, ek, a, dk_intra = lax.cond(R <= nm.thresh, fast, exact)
+    a = jnp.where(causal, a, 0.0)
+    dv = _mm(k * ek, ds, nm.state_dot) + _mm(a, do, nm.intra_dot, ta=True)
+    dk = _mm(v, ds, nm.state_dot, tb=True) * ek + dk_intra
+    return dk, dv, jnp.exp(bL)[:, None] * ds + _mm(qd, do, nm.state_dot, ta=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _fwd_kernel(w_ref, q_ref, k_ref, v_ref, g1_ref, g2_ref, sin_ref, o_ref, sout_ref, *, H, BT, BV, NC, P, scale, nm):
+    bh, p, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, h = bh // H, bh % H
+    vs = pl.ds(iv * BV, BV)
+    w1, w2 = w_ref[0], w_ref[1]
+
+    def body(n, carry):
+        ts = pl.ds((p * NC + n) * BT, BT)
+        o, s1, s2 = fwd_chunk(
+            q_ref[b, ts, h, :].astype(f32),  # [BT, K]
+            k_ref[b, ts, h, :].astype(f32),  # [BT, K]
+            v_ref[b, ts, h, vs].astype(f32),  # [BT, BV]
+            g1_ref[b, ts, h, :].astype(f32),
+            g2_ref[b, ts, h, :].astype(f32),
+            w1,
+            w2,
+            *carry,
+            scale=scale,
+            nm=nm,
+        )
+        o_ref[b, ts, h, vs] = o.astype(o_ref.dtype)
+        return s1, s2
+
+    s1, s2 = lax.fori_loop(0, NC, body, (sin_ref[bh, p, 0, :, vs], sin_ref[bh, p, 1, :, vs]))
+
+    @pl.when(p == P - 1)
+    def _():
+        sout_ref[bh, 0, :, vs] = s1
+        sout_ref[bh, 1, :, vs] = s2
+
+
+def _numerics(cfg: GpuConfig) -> Numerics:
+    return Numerics(state_dot=cfg.state_dot, intra_dot=cfg.intra_dot, thresh=cfg.thresh)
+
+
+def fwd_gpu(q, k, v, g1, g2, w, s_in, *, scale: float, cfg: GpuConfig, P: int, interpret=False):
+    """Outputs and final states given the states entering each segment.
+
+    Args:
+        q, k, g1, g2: [B, T, H, K] (T a multiple of P * chunk); v: [B, T, H, V]; w: [2] float32 mix.
+        s_in: [B * H, P, 2, K, V] float32 states entering each segment.
+
+    Returns:
+        o [B, T, H, V] in q's dtype, final states [B * H, 2, K, V] float32.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    BT, BV = cfg.chunk, min(cfg.block_v, V)
+    NC = T // (P * BT)
+    kernel = functools.partial(_fwd_kernel, H=H, BT=BT, BV=BV, NC=NC, P=P, scale=scale, nm=_numerics(cfg))
+    return pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((B, T, H, V), q.dtype), jax.ShapeDtypeStruct((B * H, 2, K, V), f32)),
+        grid=(B * H, P, V // BV),
+        compiler_params=_compiler_params(cfg.num_warps, cfg.num_stages, interpret),
+        interpret=interpret,
+        name="dsla_fwd",
+    )(w, q, k, v, g1, g2, s_in)
+
+
+def _seg_kernel(x_ref, y_ref, g1_ref, g2_ref, s_ref, d_ref, *, H, BT, BV, NC, first, reverse, nm):
+    bh, i, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, h = bh // H, bh % H
+    p = first + i
+    vs = pl.ds(iv * BV, BV)
+    K = x_ref.shape[-1]
+
+    def body(n, carry):
+        s1, s2, d1, d2 = carry
+        ts = pl.ds((p * NC + (NC - 1 - n if reverse else n)) * BT, BT)
+        x = x_ref[b, ts, h, :].astype(f32)
+        y = y_ref[b, ts, h, vs].astype(f32)
+        s1, d1 = seg_chunk(x, y, g1_ref[b, ts, h, :].astype(f32), s1, d1, reverse=reverse, nm=nm)
+        s2, d2 = seg_chunk(x, y, g2_ref[b, ts, h, :].astype(f32), s2, d2, reverse=reverse, nm=nm)
+        return s1, s2, d1, d2
+
+    z, zk = jnp.zeros((K, BV), f32), jnp.zeros((K,), f32)
+    s1, s2, d1, d2 = lax.fori_loop(0, NC, body, (z, z, zk, zk))
+    s_ref[bh, i, 0, :, vs] = s1
+    s_ref[bh, i, 1, :, vs] = s2
+
+    @pl.when(iv == 0)
+    def _():
+        d_ref[bh, i, 0, :] = d1
+        d_ref[bh, i, 1, :] = d2
+
+
+def seg_states_gpu(
+    x, y, g1, g2, *, P: int, first: int, count: int, cfg: GpuConfig, reverse: bool = False, interpret=False
+):
+    """Per-segment state summaries started from zero, for both states.
+
+    Forward (reverse=False, x = k, y = v): S_p = sum over the segment of diag(exp(B_end - B_j)) k_j^T v_j.
+    Reverse (reverse=True, x = q, y = do): L_p = sum over the segment of diag(exp(B_i - B_start)) q_i^T do_i, the
+    adjoint state at the segment start (before the mix weight and scale).
+
+    Args:
+        x, g1, g2: [B, T, H, K]; y: [B, T, H, V]; T a multiple of P * chunk.
+        first, count: the segments first .. first + count - 1 are summarised.
+
+    Returns:
+        summaries [B * H, count, 2, K, V] float32 and total log decays [B * H, count, 2, K] float32.
+    """
+    B, T, H, K = x.shape
+    V = y.shape[-1]
+    BT, BV = cfg.chunk, min(cfg.block_v, V)
+    NC = T // (P * BT)
+    kernel = functools.partial(_seg_kernel, H=H, BT=BT, BV=BV, NC=NC, first=first, reverse=reverse, nm=_numerics(cfg))
+    return pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((B * H, count, 2, K, V), f32),
+            jax.ShapeDtypeStruct((B * H, count, 2, K), f32),
+        ),
+        grid=(B * H, count, V // BV),
+        compiler_params=_compiler_params(cfg.num_warps, cfg.num_stages, interpret),
+        interpret=interpret,
+        name="dsla_seg_states_rev" if reverse else "dsla_seg_states",
+    )(x, y, g1, g2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backward (one state per program, full [K, V] carry; gates stacked as [2, B, T, H, K])
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, sin_ref, dq_ref, *, H, BT, NC, scale, nm):
+    bh, s, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, h = bh // H, bh % H
+
+    def body(n, st):
+        ts = pl.ds((p * NC + n) * BT, BT)
+        dq, st = dq_chunk(
+            q_ref[b, ts, h, :].astype(f32),
+            k_ref[b, ts, h, :].astype(f32),
+            v_ref[b, ts, h, :].astype(f32),
+            do_ref[b, ts, h, :].astype(f32),
+            g_ref[s, b, ts, h, :].astype(f32),
+            st,
+            scale=scale,
+            nm=nm,
+        )
+        dq_ref[s, b, ts, h, :] = dq
+        return st
+
+    lax.fori_loop(0, NC, body, sin_ref[bh, p, s])
+
+
+def bwd_dq_gpu(q, k, v, do, g, s_in, *, scale: float, cfg: GpuConfig, P: int, interpret=False):
+    """dq per state (unweighted by the mix): float32 [2, B, T, H, K].
+
+    Args:
+        q, k: [B, T, H, K]; v, do: [B, T, H, V]; g: [2, B, T, H, K] stacked gates;
+        s_in: [B * H, P, 2, K, V] float32 states entering each segment (saved by the forward).
+    """
+    B, T, H, K = q.shape
+    BT = cfg.bwd_chunk
+    NC = T // (P * BT)
+    kernel = functools.partial(_dq_kernel, H=H, BT=BT, NC=NC, scale=scale, nm=_numerics(cfg))
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((2, B, T, H, K), f32),
+        grid=(B * H, 2, P),
+        compiler_params=_compiler_params(cfg.bwd_num_warps, cfg.bwd_num_stages, interpret),
+        interpret=interpret,
+        name="dsla_bwd_dq",
+    )(q, k, v, do, g, s_in)
+
+
+def _dkv_kernel(w_ref, q_ref, k_ref, v_ref, do_ref, g_ref, dsend_ref, dk_ref, dv_ref, dh0_ref, *, H, BT, NC, scale, nm):
+    bh, s, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, h = bh // H, bh % H
+    ws = jnp.where(s == 0, w_ref[0], w_ref[1]) * scale
+
+    def body(n, ds):
+        ts = pl.ds((p * NC + NC - 1 - n) * BT, BT)
+        dk, dv, ds = dkv_chunk(
+            q_ref[b, ts, h, :].astype(f32),
+            k_ref[b, ts, h, :].astype(f32),
+            v_ref[b, ts, h, :].astype(f32),
+            do_ref[b, ts, h, :].astype(f32) * ws,
+            g_ref[s, b, ts, h, :].astype(f32),
+            ds,
+            nm=nm,
+        )
+        dk_ref[s, b, ts, h, :] = dk
+        dv_ref[s, b, ts, h, :] = dv
+        return ds
+
+    ds = lax.fori_loop(0, NC, body, dsend_ref[bh, p, s])
+
+    @pl.when(p == 0)
+    def _():
+        dh0_ref[bh, s] = ds
+
+
+def bwd_dkv_gpu(w, q, k, v, do, g, ds_end, *, scale: float, cfg: GpuConfig, P: int, interpret=False):
+    """dk, dv per state (weighted by the mix) and the initial-state gradients.
+
+    Args:
+        w: [2] float32 mix; q, k: [B, T, H, K]; v, do: [B, T, H, V]; g: [2, B, T, H, K] stacked gates;
+        ds_end: [B * H, P, 2, K, V] float32 adjoint states at the end of each segment.
+
+    Returns:
+        dk [2, B, T, H, K], dv [2, B, T, H, V] (float32, per state) and dh0 [B * H, 2, K, V].
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    BT = cfg.bwd_chunk
+    NC = T // (P * BT)
+    kernel = functools.partial(_dkv_kernel, H=H, BT=BT, NC=NC, scale=scale, nm=_numerics(cfg))
+    return pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((2, B, T, H, K), f32),
+            jax.ShapeDtypeStruct((2, B, T, H, V), f32),
+            jax.ShapeDtypeStruct((B * H, 2, K, V), f32),
+        ),
+        grid=(B * H, 2, P),
+        compiler_params=_compiler_params(cfg.bwd_num_warps, cfg.bwd_num_stages, interpret),
+        interpret=interpret,
+        name="dsla_bwd_dkv",
+    )(w, q, k, v, do, g, ds_end)

@@ -1,0 +1,325 @@
+"""The DSLA Pallas kernels against a float32 token loop: forward, every gradient, decode.
+
+On CPU every kernel runs in the Pallas interpreter (`interpret=True` for the GPU/Triton kernels,
+`pltpu.InterpretParams()` for the TPU/Mosaic ones) at small shapes. Tests marked `gpu` run the compiled kernels at
+larger shapes and are skipped without a GPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from dsla_jax.ops.dsla.pallas import dsla_attention_pallas, dsla_decode_step_pallas
+from dsla_jax.ops.dsla.pallas_gpu import GpuConfig
+from dsla_jax.ops.dsla.pallas_tpu import TpuConfig
+
+# RMS relative error allowed against the float32 oracle run on the same (dtype-rounded) inputs.
+TOL = {"float32": 1e-4, "bfloat16": 2e-3}
+ON_GPU = jax.default_backend() == "gpu"
+INTERPRET = {"gpu": True, "tpu": pltpu.InterpretParams()}
+
+
+def _oracle_scan(q, k, v, g1, g2, mix, s0):
+    """DSLA by a float32 token loop (used if the project's naive op is not importable)."""
+    B, T, H, K = q.shape
+    Hk = k.shape[2]
+    G = H // Hk
+    scale = K**-0.5
+    xs = [jnp.swapaxes(x.astype(jnp.float32), 0, 1) for x in (q, k, v, g1, g2)]
+
+    def step(st, x):
+        qt, kt, vt, g1t, g2t = x
+        kv = kt[..., :, None] * vt[..., None, :]
+        s1 = jnp.exp(g1t)[..., None] * st[0] + kv
+        s2 = jnp.exp(g2t)[..., None] * st[1] + kv
+        qg = qt.reshape(B, Hk, G, K)
+        hi = jax.lax.Precision.HIGHEST
+        o = mix[0] * jnp.einsum("bhgk,bhkv->bhgv", qg, s1, precision=hi)
+        o = o + mix[1] * jnp.einsum("bhgk,bhkv->bhgv", qg, s2, precision=hi)
+        return (s1, s2), scale * o.reshape(B, H, -1)
+
+    st, o = jax.lax.scan(step, s0, xs)
+    return jnp.swapaxes(o, 0, 1), st
+
+
+def oracle(q, k, v, g1, g2, mix, s0):
+    """(o, S1, S2) in float32 from float32 copies of the inputs."""
+    args = [x.astype(jnp.float32) for x in (q, k, v, g1, g2)]
+    try:
+        from dsla_jax.ops.dsla.naive import naive_dsla
+    except ImportError:  # pragma: no cover - the op package is written beside this one
+        o, (s1, s2) = _oracle_scan(*args, mix, s0)
+    else:
+        o, (s1, s2) = naive_dsla(*args, mix, initial_state=s0)
+    return o, s1, s2
+
+
+def rms_rel(ref, out) -> float:
+    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+    return float(np.sqrt(np.mean((out - ref) ** 2)) / max(np.sqrt(np.mean(ref**2)), 1e-30))
+
+
+def assert_close(name: str, ref, out, rtol: float) -> None:
+    """RMS relative error within `rtol`, same shape, no NaN/Inf."""
+    assert tuple(jnp.shape(out)) == tuple(jnp.shape(ref)), f"{name}: shape {jnp.shape(out)} != {jnp.shape(ref)}"
+    out32 = np.asarray(jnp.asarray(out, jnp.float32))
+    assert np.isfinite(out32).all(), f"{name}: {out32.size - np.isfinite(out32).sum()} NaN/Inf values"
+    err = rms_rel(ref, out)
+    assert err <= rtol, f"{name}: RMS relative error {err:.3e} > {rtol:.1e}"
+
+
+def make_gates(key, shape, kind: str) -> jax.Array:
+    if kind == "strong":  # uniform in [-50, 0]: chunk decay ranges of thousands, the exact intra-chunk path
+        return jax.random.uniform(key, shape, minval=-50.0, maxval=0.0)
+    if kind == "logsig":  # GLA-style log-sigmoid / 16: the matmul path
+        return jax.nn.log_sigmoid(jax.random.normal(key, shape)) / 16
+    if kind == "mixed":  # per token strong or weak: both paths, chunk by chunk
+        k1, k2 = jax.random.split(key)
+        strong = jax.random.uniform(k1, shape, minval=-50.0, maxval=0.0)
+        return jnp.where(jax.random.bernoulli(k2, 0.1, shape), strong, strong * 1e-3)
+    if kind == "min":  # every gate at the bound -50
+        return jnp.full(shape, -50.0)
+    raise ValueError(kind)
+
+
+def make_inputs(seed, B, T, H, Hk, K, V, dtype, gates=("strong", "logsig"), init=True):
+    ks = jax.random.split(jax.random.key(seed), 8)
+    q = jax.random.normal(ks[0], (B, T, H, K)).astype(dtype)
+    k = (jax.random.normal(ks[1], (B, T, Hk, K)) * K**-0.5).astype(dtype)
+    v = jax.random.normal(ks[2], (B, T, Hk, V)).astype(dtype)
+    g1 = make_gates(ks[3], (B, T, Hk, K), gates[0]).astype(dtype)
+    g2 = make_gates(ks[4], (B, T, Hk, K), gates[1]).astype(dtype)
+    mix = jax.nn.softmax(jax.random.normal(ks[5], (2,)))
+    s0 = None
+    if init:
+        s0 = (jax.random.normal(ks[6], (B, Hk, K, V)), jax.random.normal(ks[7], (B, Hk, K, V)))
+    return q, k, v, g1, g2, mix, s0
+
+
+def pallas_fn(backend, chunk, config=None, interpret=None):
+    interpret = INTERPRET[backend] if interpret is None else interpret
+
+    def f(q, k, v, g1, g2, mix, s0):
+        o, (s1, s2) = dsla_attention_pallas(
+            q,
+            k,
+            v,
+            g1,
+            g2,
+            mix,
+            initial_state=s0,
+            chunk_size=chunk,
+            backend=backend,
+            interpret=interpret,
+            config=config,
+        )
+        return o, s1, s2
+
+    return f
+
+
+def grads(fn, args, cts):
+    """Gradients of sum(outputs * cotangents) w.r.t. q, k, v, g1, g2, mix, initial states."""
+
+    def loss(*a):
+        return sum(jnp.sum(x.astype(jnp.float32) * c) for x, c in zip(fn(*a), cts))
+
+    return jax.jit(jax.grad(loss, argnums=tuple(range(7))))(*args)
+
+
+GRAD_NAMES = ("dq", "dk", "dv", "dg1", "dg2", "dmix", "ds0")
+
+
+def check_against_oracle(fn, args, dtype, *, with_grads=True, skip=()):
+    tol = TOL[jnp.dtype(dtype).name]
+    ref = oracle(*args)
+    out = jax.jit(fn)(*args)
+    for name, r, o in zip(("o", "S1", "S2"), ref, out):
+        assert o.dtype == (dtype if name == "o" else jnp.float32)
+        assert_close(name, r, o, tol)
+    if not with_grads:
+        return
+    ks = jax.random.split(jax.random.key(7), 3)
+    # Cotangents representable in the output dtype, so both sides see the same values.
+    cts = tuple(jax.random.normal(kk, r.shape).astype(o.dtype).astype(jnp.float32) for kk, r, o in zip(ks, ref, out))
+    g_ref = grads(oracle, (*[a.astype(jnp.float32) for a in args[:5]], *args[5:]), cts)
+    g_out = grads(fn, args, cts)
+    for name, r, o in zip(GRAD_NAMES, g_ref, g_out):
+        if name in skip:
+            continue
+        for i, (rl, ol) in enumerate(zip(jax.tree.leaves(r), jax.tree.leaves(o))):
+            # float32 gradients of bfloat16 runs (dmix, ds0) are held to the bfloat16 bound: the kernels' matmuls
+            # round their operands to bfloat16 / tf32 in a bfloat16 run.
+            assert_close(f"{name}[{i}]", rl, ol, tol)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Interpret-mode tests (CPU)
+# ------------------------------------------------------------------------------------------------------------------
+
+GPU_CASES = [
+    # B, T, H, Hk, K, V, dtype, gates, chunk, segments
+    (2, 45, 4, 2, 32, 32, jnp.float32, ("strong", "logsig"), 16, 2),
+    (1, 70, 2, 1, 64, 64, jnp.float32, ("mixed", "logsig"), 32, 1),
+    (1, 63, 2, 2, 32, 64, jnp.bfloat16, ("logsig", "strong"), 16, 3),
+]
+
+
+def case_id(B, T, H, Hk, K, V, dtype, gates, chunk, P):
+    return f"B{B}-T{T}-H{H}-Hk{Hk}-K{K}-V{V}-{jnp.dtype(dtype).name}-{'-'.join(gates)}-C{chunk}-P{P}"
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=[case_id(*c) for c in GPU_CASES])
+def test_gpu_kernels_interpret(case):
+    B, T, H, Hk, K, V, dtype, gates, chunk, P = case
+    args = make_inputs(T, B, T, H, Hk, K, V, dtype, gates)
+    cfg = GpuConfig(chunk=chunk, block_v=min(32, V), num_segments=P, bwd_chunk=min(16, chunk))
+    check_against_oracle(pallas_fn("gpu", chunk, cfg), args, dtype)
+
+
+TPU_CASES = [
+    (1, 40, 4, 2, 32, 32, jnp.float32, ("strong", "mixed"), 16, 1),
+    (1, 33, 2, 2, 64, 64, jnp.bfloat16, ("logsig", "strong"), 16, 1),
+]
+
+
+@pytest.mark.parametrize("case", TPU_CASES, ids=[case_id(*c) for c in TPU_CASES])
+def test_tpu_kernels_interpret(case):
+    B, T, H, Hk, K, V, dtype, gates, chunk, _ = case
+    args = make_inputs(T + 1, B, T, H, Hk, K, V, dtype, gates)
+    check_against_oracle(pallas_fn("tpu", chunk, TpuConfig(chunk=chunk)), args, dtype)
+
+
+def test_head_dim_128_forward():
+    """K = V = 128 (the Llama-2-7B head), no initial state, both kernels."""
+    args = make_inputs(3, 1, 40, 2, 2, 128, 128, jnp.bfloat16, ("mixed", "logsig"), init=False)
+    check_against_oracle(pallas_fn("gpu", 32), args, jnp.bfloat16, with_grads=False)
+    check_against_oracle(pallas_fn("tpu", 32), args, jnp.bfloat16, with_grads=False)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_gates_at_minus_50(backend):
+    """Every gate at -50: decays underflow to 0 after one token; no NaN, every output and gradient but dg right.
+
+    The gate gradient is a reverse cumsum of q * dq - k * dk whose terms cancel to ~e^-50 here: it is checked
+    for finiteness and against the scale of the other gradients (an absolute error, not a relative one).
+    """
+    args = make_inputs(5, 1, 37, 2, 1, 32, 32, jnp.float32, ("min", "min"))
+    fn = pallas_fn(
+        backend, 16, GpuConfig(chunk=16, block_v=32, num_segments=2, bwd_chunk=16) if backend == "gpu" else None
+    )
+    check_against_oracle(fn, args, jnp.float32, skip=("dg1", "dg2"))
+    cts = tuple(jnp.ones_like(x, jnp.float32) for x in oracle(*args))
+    g = grads(fn, args, cts)
+    g_ref = grads(oracle, args, cts)
+    for i in (3, 4):
+        assert np.isfinite(np.asarray(g[i])).all()
+        scale = float(jnp.sqrt(jnp.mean(g_ref[1] ** 2)))  # the size of dk
+        assert float(jnp.max(jnp.abs(g[i] - g_ref[i]))) <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_split_sequence_carries_state(backend):
+    """Running T tokens then T' tokens from the returned states equals one run over T + T'."""
+    q, k, v, g1, g2, mix, s0 = make_inputs(11, 1, 50, 2, 2, 32, 32, jnp.float32, ("mixed", "logsig"))
+    fn = pallas_fn(backend, 16)
+    o, s1, s2 = fn(q, k, v, g1, g2, mix, s0)
+    a = fn(*(x[:, :21] for x in (q, k, v, g1, g2)), mix, s0)
+    b = fn(*(x[:, 21:] for x in (q, k, v, g1, g2)), mix, (a[1], a[2]))
+    assert_close("o", o, jnp.concatenate([a[0], b[0]], axis=1), 1e-5)
+    assert_close("S1", s1, b[1], 1e-5)
+    assert_close("S2", s2, b[2], 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_step(backend, dtype):
+    """One decode step against the token loop, grouped heads, one gate at -50; and prefill + decode = prefill."""
+    B, T, H, Hk, K, V = 3, 9, 4, 2, 32, 128
+    q, k, v, g1, g2, mix, s0 = make_inputs(13, B, T, H, Hk, K, V, dtype, ("min", "logsig"))
+    o_ref, s1_ref, s2_ref = oracle(q[:, -1:], k[:, -1:], v[:, -1:], g1[:, -1:], g2[:, -1:], mix, s0)
+    o, (s1, s2) = jax.jit(lambda *a: dsla_decode_step_pallas(*a, backend=backend, interpret=INTERPRET[backend]))(
+        q[:, -1], k[:, -1], v[:, -1], g1[:, -1], g2[:, -1], mix, s0
+    )
+    assert o.dtype == dtype and o.shape == (B, H, V)
+    assert_close("o", o_ref[:, 0], o, TOL[jnp.dtype(dtype).name])
+    assert_close("S1", s1_ref, s1, 1e-6)
+    assert_close("S2", s2_ref, s2, 1e-6)
+    # Prefill T - 1 tokens with the chunked kernel, then decode the last one.
+    pre = pallas_fn(backend, 16)(*(x[:, :-1] for x in (q, k, v, g1, g2)), mix, s0)
+    o_dec, _ = dsla_decode_step_pallas(
+        q[:, -1],
+        k[:, -1],
+        v[:, -1],
+        g1[:, -1],
+        g2[:, -1],
+        mix,
+        (pre[1], pre[2]),
+        backend=backend,
+        interpret=INTERPRET[backend],
+    )
+    o_full = oracle(q, k, v, g1, g2, mix, s0)[0][:, -1]
+    assert_close("o after prefill", o_full, o_dec, TOL[jnp.dtype(dtype).name])
+
+
+def test_empty_sequence_and_errors():
+    q, k, v, g1, g2, mix, s0 = make_inputs(17, 1, 8, 4, 2, 32, 32, jnp.float32)
+    o, (s1, _) = dsla_attention_pallas(
+        q[:, :0], k[:, :0], v[:, :0], g1[:, :0], g2[:, :0], mix, initial_state=s0, backend="gpu", interpret=True
+    )
+    assert o.shape == (1, 0, 4, 32)
+    np.testing.assert_array_equal(np.asarray(s1), np.asarray(s0[0]))
+    call = dict(backend="gpu", interpret=True)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        dsla_attention_pallas(q[:, :, :3], k, v, g1, g2, mix, **call)
+    with pytest.raises(ValueError, match="g2 shape"):
+        dsla_attention_pallas(q, k, v, g1, g2[..., :16], mix, **call)
+    with pytest.raises(ValueError, match="chunk_size"):
+        dsla_attention_pallas(q, k, v, g1, g2, mix, chunk_size=24, **call)
+    with pytest.raises(ValueError, match="backend"):
+        dsla_attention_pallas(q, k, v, g1, g2, mix, backend="metal")
+    with pytest.raises(ValueError, match="mix"):
+        dsla_attention_pallas(q, k, v, g1, g2, mix[:1], **call)
+    with pytest.raises(ValueError, match="state"):
+        dsla_decode_step_pallas(q[:, 0], k[:, 0], v[:, 0], g1[:, 0], g2[:, 0], mix, s0[0], **call)
+    if jax.default_backend() == "cpu":
+        with pytest.raises(ValueError, match="interpret=True"):
+            dsla_attention_pallas(q, k, v, g1, g2, mix)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Compiled kernels (GPU only)
+# ------------------------------------------------------------------------------------------------------------------
+
+GPU_BIG = [
+    (1, 1000, 4, 4, 128, 128, jnp.bfloat16, ("strong", "logsig")),
+    (2, 777, 4, 2, 64, 64, jnp.float32, ("mixed", "logsig")),
+    (1, 512, 2, 2, 128, 128, jnp.float32, ("min", "logsig")),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("case", GPU_BIG, ids=[case_id(*c, 64, 0) for c in GPU_BIG])
+def test_gpu_compiled(case):
+    B, T, H, Hk, K, V, dtype, gates = case
+    args = make_inputs(T, B, T, H, Hk, K, V, dtype, gates)
+    skip = ("dg1",) if gates[0] == "min" else ()
+    check_against_oracle(pallas_fn("gpu", 64, interpret=False), args, dtype, skip=skip)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gpu_compiled_decode(dtype):
+    B, H, Hk, K, V = 8, 8, 4, 128, 128
+    q, k, v, g1, g2, mix, s0 = make_inputs(21, B, 1, H, Hk, K, V, dtype, ("min", "logsig"))
+    o_ref, s1_ref, _ = oracle(q, k, v, g1, g2, mix, s0)
+    o, (s1, _) = dsla_decode_step_pallas(q[:, 0], k[:, 0], v[:, 0], g1[:, 0], g2[:, 0], mix, s0)
+    assert_close("o", o_ref[:, 0], o, TOL[jnp.dtype(dtype).name])
+    assert_close("S1", s1_ref, s1, 1e-6)
