@@ -6,6 +6,7 @@ query heads per kv head, K key (and gate) dimension, V value dimension, N number
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -86,13 +87,13 @@ def check_mix(mix: jax.Array) -> None:
 
 
 def check_chunking(chunk_size: int, sub_chunk: int) -> int:
-    """Validate `chunk_size` and return the sub-chunk size actually used (divides the chunk)."""
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    """Validate `chunk_size` and return the sub-chunk size used: `sub_chunk`, or the largest divisor of the chunk
+    that divides `sub_chunk` (so any chunk size works; powers of two are fastest)."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    c = min(sub_chunk, chunk_size)
-    if chunk_size % c != 0:
-        raise ValueError(f"chunk_size={chunk_size} must be a multiple of the sub-chunk size {c} (or at most {c})")
-    return c
+    if isinstance(sub_chunk, bool) or not isinstance(sub_chunk, int) or sub_chunk < 1:
+        raise ValueError(f"sub_chunk must be a positive int, got {sub_chunk!r}")
+    return math.gcd(chunk_size, sub_chunk)
 
 
 def pad_time(x: jax.Array, t_pad: int) -> jax.Array:
@@ -120,3 +121,49 @@ def ungroup_queries(o: jax.Array) -> jax.Array:
 def backend() -> str:
     """The default JAX backend platform ('cpu', 'gpu', 'tpu')."""
     return jax.default_backend()
+
+
+# What impl="auto" runs, per backend: (impl computing the values, impl whose VJP gives the gradients).
+# Measured with `python -m bench.ops` (B=1, H=8, K=V=64, DSLA; table in bench/ops.py's docstring): on a 2-core CPU
+# the token loop's forward beats the chunked forward at every T tried (512..8192), but its backward keeps one [K, V]
+# state per token (4.3 GiB at T=8192) and is slower than the chunked backward, so on CPU auto computes values with
+# the token loop and gradients through the chunked path. On accelerators the chunked path wins both ways.
+AUTO_IMPL: dict[str, tuple[str, str]] = {"cpu": ("naive", "xla"), "gpu": ("xla", "xla"), "tpu": ("xla", "xla")}
+
+
+def auto_impls() -> tuple[str, str]:
+    """(forward impl, gradient impl) that impl="auto" uses on the current backend."""
+    return AUTO_IMPL.get(backend(), ("xla", "xla"))
+
+
+def value_and_grad_from(value_fn, grad_fn):
+    """A function computing `value_fn(*args)` whose VJP is the VJP of `grad_fn` (same math, other algorithm).
+
+    Both take the same positional array arguments and return the same pytree. The backward pass recomputes
+    `grad_fn`'s forward; residuals are the arguments alone. Forward-mode differentiation (jvp) is not supported.
+    """
+
+    @jax.custom_vjp
+    def f(*args):
+        return value_fn(*args)
+
+    def f_fwd(*args):
+        return value_fn(*args), args
+
+    def f_bwd(args, cotangent):
+        _, vjp = jax.vjp(grad_fn, *args)
+        return vjp(cotangent)
+
+    f.defvjp(f_fwd, f_bwd)
+    return f
+
+
+def pallas_not_implemented() -> None:
+    raise NotImplementedError(
+        "impl='pallas' is not implemented yet (a Pallas kernel is planned in the next issue); use impl='xla' or 'auto'"
+    )
+
+
+def check_impl(impl: str, allowed: Sequence[str] = IMPLS) -> None:
+    if impl not in allowed:
+        raise ValueError(f"impl must be one of {tuple(allowed)}, got {impl!r}")
