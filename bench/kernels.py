@@ -1,0 +1,503 @@
+"""Kernel benchmark: the project's DSLA Pallas and XLA paths beside flash-linear-attention and softmax attention.
+
+    python -m bench.kernels [--out bench_kernels.json] [--shapes B1T2048,B1T8192,...] [--no-fla] [--fla-bwd]
+    python -m bench.kernels --sweep      # tile/launch variants of the Pallas kernels at B1 T8192 (and decode)
+
+On whatever accelerator JAX finds (CPU: tiny shapes in the Pallas interpreter, a smoke test only), with H=32 heads of
+dim 128 in bfloat16 (the Llama-2-7B attention shape), it times, in one run:
+  * forward and forward+backward of one DSLA layer: the Pallas kernels (`dsla_attention_pallas`), the XLA path
+    (`dsla_attention(impl="xla")`), FLA's `chunk_gla` and `fused_recurrent_gla` called twice (one call per state, as
+    the original DSLA does), causal softmax attention (cuDNN and XLA through `jax.nn.dot_product_attention`, torch
+    SDPA);
+  * one decode step at B=64: both float32 states read and written (TB/s = 2 states x (read + write) bytes / time).
+Gates are GLA-style log-sigmoid / 16 unless a row says "g=-50" (every gate at -50: the exact intra-chunk path).
+Every Pallas row also reports its relative error against the XLA path on the same inputs.
+
+JAX times are medians over repetitions of the mean of 10 back-to-back calls (dispatch overlaps the GPU work);
+torch times are `triton.testing.do_bench` medians. The table is printed last and written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory for torch in the same process
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+SHAPES = [(1, 2048), (1, 8192), (1, 32768), (8, 2048), (4, 8192)]
+H, D = 32, 128
+ROWS: list[dict] = []
+META: dict = {}
+OUT_PATH = "bench_kernels.json"
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def time_jax(fn, *args, reps: int = 7, inner: int = 10) -> float:
+    """Median over `reps` of the mean time (ms) of `inner` back-to-back calls, after a warm-up call."""
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = None
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        ts.append((time.perf_counter() - t0) / inner * 1e3)
+    return statistics.median(ts)
+
+
+def rel_err(ref, out) -> float:
+    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+    if not np.isfinite(out).all():
+        return float("nan")
+    return float(np.sqrt(np.mean((out - ref) ** 2)) / max(np.sqrt(np.mean(ref**2)), 1e-30))
+
+
+def record(**row):
+    ROWS.append(row)
+    log("  ", json.dumps(row))
+    with open(OUT_PATH, "w") as f:  # after every row: a run cut short keeps what it measured
+        json.dump({"meta": META, "rows": ROWS}, f, indent=1)
+
+
+def make_inputs(B, T, dtype=jnp.bfloat16, gates="logsig", seed=0, h=H, d=D):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    q = jax.random.normal(ks[0], (B, T, h, d), dtype)
+    k = (jax.random.normal(ks[1], (B, T, h, d)) * d**-0.5).astype(dtype)
+    v = jax.random.normal(ks[2], (B, T, h, d), dtype)
+    if gates == "min":
+        g1 = jnp.full((B, T, h, d), -50.0, dtype)
+        g2 = g1
+    else:
+        g1 = (jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, h, d))) / 16).astype(dtype)
+        g2 = (jax.nn.log_sigmoid(jax.random.normal(ks[4], (B, T, h, d)) + 2.0) / 16).astype(dtype)
+    mix = jnp.array([0.6, 0.4], jnp.float32)
+    return q, k, v, g1, g2, mix
+
+
+def _fwd_bwd(fn):
+    """jit of value-and-grad of sum(o * ct) w.r.t. q, k, v, g1, g2 (the training step's attention part)."""
+
+    def loss(q, k, v, g1, g2, mix, ct):
+        return jnp.sum(fn(q, k, v, g1, g2, mix).astype(jnp.float32) * ct)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+
+
+def pallas_fn(config=None, interpret=False, chunk=64):
+    from dsla_jax.ops.dsla.pallas import dsla_attention_pallas
+
+    def f(q, k, v, g1, g2, mix):
+        return dsla_attention_pallas(q, k, v, g1, g2, mix, chunk_size=chunk, config=config, interpret=interpret)[0]
+
+    return f
+
+
+def xla_fn():
+    from dsla_jax.ops.dsla import dsla_attention
+
+    def f(q, k, v, g1, g2, mix):
+        return dsla_attention(q, k, v, g1, g2, mix, impl="xla")[0]
+
+    return f
+
+
+def bench_jax_layer(name, fn, args, *, B, T, ref=None, bwd=True, extra=None):
+    """Times forward (and forward+backward) of a JAX DSLA implementation; returns its forward output."""
+    extra = extra or {}
+    out = None
+    try:
+        f = jax.jit(fn)
+        out = f(*args)
+        err = rel_err(ref, out) if ref is not None else None
+        record(impl=name, B=B, T=T, pass_="fwd", ms=time_jax(f, *args), err_vs_xla=err, **extra)
+    except Exception as e:  # keep going: one failing variant must not end the run
+        record(impl=name, B=B, T=T, pass_="fwd", error=f"{type(e).__name__}: {str(e)[:300]}", **extra)
+        traceback.print_exc(limit=2)
+        return None
+    if bwd:
+        try:
+            ct = jax.random.normal(jax.random.key(1), out.shape, jnp.float32)
+            g = _fwd_bwd(fn)
+            record(impl=name, B=B, T=T, pass_="fwd+bwd", ms=time_jax(g, *args, ct), **extra)
+        except Exception as e:
+            record(impl=name, B=B, T=T, pass_="fwd+bwd", error=f"{type(e).__name__}: {str(e)[:300]}", **extra)
+            traceback.print_exc(limit=2)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch references (FLA, SDPA)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _torch_bench(name, fn, B, T, pass_="fwd"):
+    import torch
+    from triton.testing import do_bench
+
+    try:
+        ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+        record(impl=name, B=B, T=T, pass_=pass_, ms=ms)
+    except Exception as e:
+        record(impl=name, B=B, T=T, pass_=pass_, error=f"{type(e).__name__}: {str(e)[:300]}")
+    torch.cuda.empty_cache()
+
+
+def _torch_shape(B, T, fla_ops, fla_bwd: bool):
+    """FLA (two GLA calls = one DSLA layer) and torch SDPA at one shape."""
+    import torch
+
+    dev = "cuda"
+    q, k, v = (torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    k = k * D**-0.5
+    g1, g2 = (torch.nn.functional.logsigmoid(torch.randn(B, T, H, D, device=dev)).to(torch.bfloat16) / 16 for _ in "12")
+    if fla_ops is not None:
+        chunk_gla, fused_recurrent_gla = fla_ops
+        with torch.no_grad():
+            _torch_bench("fla chunk_gla x2", lambda: (chunk_gla(q, k, v, g1), chunk_gla(q, k, v, g2)), B, T)
+            if T <= 8192:
+                _torch_bench(
+                    "fla fused_recurrent_gla x2",
+                    lambda: (fused_recurrent_gla(q, k, v, g1), fused_recurrent_gla(q, k, v, g2)),
+                    B,
+                    T,
+                )
+        if fla_bwd:
+            leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g1, g2)]
+            do = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16)
+
+            def step():
+                lq, lk, lv, lg1, lg2 = leaves
+                o = chunk_gla(lq, lk, lv, lg1)[0] * 0.6 + chunk_gla(lq, lk, lv, lg2)[0] * 0.4
+                o.backward(do)
+
+            t0 = time.time()
+            step()  # the backward kernels autotune on first use
+            log(f"   FLA backward warm-up {time.time() - t0:.0f}s")
+            _torch_bench("fla chunk_gla x2", step, B, T, "fwd+bwd")
+    with torch.no_grad():
+        qs, ks, vs = (x.transpose(1, 2) for x in (q, k, v))
+        _torch_bench(
+            "torch sdpa causal",
+            lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True),
+            B,
+            T,
+        )
+
+
+def _torch_decode(fused_recurrent_gla, B=64):
+    """One token through fused_recurrent_gla per state with float32 [B, H, D, D] states (FLA's decode)."""
+    import torch
+
+    dev = "cuda"
+    x = [torch.randn(B, 1, H, D, device=dev, dtype=torch.bfloat16) for _ in range(3)]
+    gd = [torch.nn.functional.logsigmoid(torch.randn(B, 1, H, D, device=dev)).to(torch.bfloat16) / 16 for _ in "12"]
+    h0 = [torch.randn(B, H, D, D, device=dev, dtype=torch.float32) for _ in "12"]
+    state_bytes = 2 * 2 * B * H * D * D * 4
+
+    def dec():
+        for gi, hi in zip(gd, h0):
+            fused_recurrent_gla(x[0], x[1], x[2], gi, initial_state=hi, output_final_state=True)
+
+    name = "fla fused_recurrent_gla x2 decode"
+    try:
+        from triton.testing import do_bench
+
+        with torch.no_grad():
+            ms = do_bench(dec, warmup=25, rep=100, return_mode="median")
+        record(impl=name, B=B, T=1, pass_="decode", ms=ms, TBps=state_bytes / ms / 1e9)
+    except Exception as e:
+        record(impl=name, B=B, T=1, pass_="decode", error=f"{type(e).__name__}: {str(e)[:300]}")
+
+
+def torch_rows(shapes, fla: bool, fla_bwd: bool, deadline: float):
+    try:
+        import torch
+    except ImportError as e:
+        log("torch not importable:", e)
+        return
+    if not torch.cuda.is_available():
+        return
+    fla_ops = None
+    if fla:
+        try:
+            from fla.ops.gla import chunk_gla, fused_recurrent_gla
+
+            fla_ops = (chunk_gla, fused_recurrent_gla)
+        except Exception as e:
+            log("FLA not importable:", type(e).__name__, e)
+    if fla_ops is not None:
+        _torch_decode(fla_ops[1])
+    for B, T in shapes:
+        _torch_shape(B, T, fla_ops, fla_bwd and (B, T) == (1, 8192) and time.time() < deadline)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decode
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def decode_rows(B=64, interpret=False, sweep=False):
+    from dsla_jax.ops.dsla.pallas import dsla_decode_step_pallas
+
+    ks = jax.random.split(jax.random.key(3), 7)
+    q = jax.random.normal(ks[0], (B, H, D), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (B, H, D), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (B, H, D), jnp.bfloat16)
+    g1 = (jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, H, D))) / 16).astype(jnp.bfloat16)
+    g2 = (jax.nn.log_sigmoid(jax.random.normal(ks[4], (B, H, D))) / 16).astype(jnp.bfloat16)
+    s = (jax.random.normal(ks[5], (B, H, D, D)), jax.random.normal(ks[6], (B, H, D, D)))
+    mix = jnp.array([0.6, 0.4], jnp.float32)
+    state_bytes = 2 * 2 * B * H * D * D * 4  # two states, read + write
+    ref = None
+    try:
+        from dsla_jax.ops.dsla import dsla_decode_step
+
+        f = jax.jit(dsla_decode_step)
+        ref = f(q, k, v, g1, g2, mix, s)
+        ms = time_jax(f, q, k, v, g1, g2, mix, s)
+        record(impl="xla decode", B=B, T=1, pass_="decode", ms=ms, TBps=state_bytes / ms / 1e9)
+    except Exception as e:
+        record(impl="xla decode", B=B, T=1, pass_="decode", error=f"{type(e).__name__}: {str(e)[:300]}")
+    variants = [(None, 4)]
+    if sweep:
+        variants = [(16, 4), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8)]
+    from dsla_jax.ops.dsla.pallas_decode import decode_step
+
+    for bv, nw in variants:
+        name = "pallas decode" + ("" if bv is None else f" BV{bv} w{nw}")
+        try:
+            if bv is None:
+                f = jax.jit(lambda *a: dsla_decode_step_pallas(*a, interpret=interpret))
+            else:
+                f = jax.jit(
+                    lambda q, k, v, g1, g2, mix, s, bv=bv, nw=nw: decode_step(
+                        q, k, v, g1, g2, mix, s[0], s[1], scale=D**-0.5, backend="gpu", block_v=bv, num_warps=nw
+                    )
+                )
+            out = f(q, k, v, g1, g2, mix, s)
+            err = rel_err(ref[1][0], out[1][0]) if ref is not None else None
+            ms = time_jax(f, q, k, v, g1, g2, mix, s)
+            record(impl=name, B=B, T=1, pass_="decode", ms=ms, TBps=state_bytes / ms / 1e9, err_vs_xla=err)
+        except Exception as e:
+            record(impl=name, B=B, T=1, pass_="decode", error=f"{type(e).__name__}: {str(e)[:300]}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sweep_variants():
+    """Forward variants of the GPU kernels: (label, GpuConfig kwargs)."""
+    base = dict(chunk=64, block_v=64, num_warps=8, num_stages=2, state_dot="tf32", intra_dot="tf32")
+    out = [("C64 V64 w8", base)]
+    for label, upd in [
+        ("C64 V64 w4", dict(num_warps=4)),
+        ("C32 V64 w4", dict(chunk=32, num_warps=4)),
+        ("C32 V64 w8", dict(chunk=32)),
+        ("C64 V32 w4", dict(block_v=32, num_warps=4)),
+        ("C32 V32 w4", dict(chunk=32, block_v=32, num_warps=4)),
+        ("C64 V64 w8 intra-bf16", dict(intra_dot="bf16")),
+        ("C64 V64 w8 all-bf16", dict(intra_dot="bf16", state_dot="bf16")),
+        ("C64 V64 w8 P2", dict(num_segments=2)),
+        ("C64 V64 w8 s1", dict(num_stages=1)),
+        ("C128 V64 w8", dict(chunk=128)),
+    ]:
+        out.append((label, {**base, **upd}))
+    return out
+
+
+def bwd_variants():
+    base = dict(chunk=64, block_v=64, num_warps=8, bwd_chunk=32, bwd_num_warps=8)
+    return [
+        ("bwdC32 w8", base),
+        ("bwdC32 w4", {**base, "bwd_num_warps": 4}),
+        ("bwdC16 w4", {**base, "bwd_chunk": 16, "bwd_num_warps": 4}),
+        ("bwdC64 w8", {**base, "bwd_chunk": 64}),
+        ("bwdC32 w8 intra-bf16", {**base, "intra_dot": "bf16"}),
+    ]
+
+
+def run_sweep(interpret: bool, budget_s: float):
+    from dsla_jax.ops.dsla.pallas_gpu import GpuConfig
+
+    t_start = time.time()
+    B, T = (1, 8192) if not interpret else (1, 256)
+    args = make_inputs(B, T, h=H if not interpret else 2)
+    ref = None
+    try:
+        ref = jax.jit(xla_fn())(*args)
+    except Exception as e:
+        log("xla path unavailable:", e)
+    log(f"== forward sweep B{B} T{T}")
+    for label, kw in sweep_variants():
+        if time.time() - t_start > budget_s:
+            log("   sweep budget spent, skipping", label)
+            continue
+        cfg = GpuConfig(**kw)
+        bench_jax_layer("pallas " + label, pallas_fn(cfg, interpret, cfg.chunk), args, B=B, T=T, ref=ref, bwd=False)
+    log(f"== backward sweep B{B} T{T}")
+    for label, kw in bwd_variants():
+        if time.time() - t_start > budget_s:
+            log("   sweep budget spent, skipping", label)
+            continue
+        cfg = GpuConfig(**kw)
+        f = pallas_fn(cfg, interpret, cfg.chunk)
+        try:
+            ct = jax.random.normal(jax.random.key(1), (B, T, args[0].shape[2], D), jnp.float32)
+            g = _fwd_bwd(f)
+            if ref is not None:  # gradient check against the XLA path at this shape
+                g_ref = _fwd_bwd(xla_fn())(*args, ct)
+                errs = [rel_err(a, b) for a, b in zip(g_ref, g(*args, ct))]
+            else:
+                errs = None
+            record(impl="pallas " + label, B=B, T=T, pass_="fwd+bwd", ms=time_jax(g, *args, ct), grad_err_vs_xla=errs)
+        except Exception as e:
+            record(impl="pallas " + label, B=B, T=T, pass_="fwd+bwd", error=f"{type(e).__name__}: {str(e)[:300]}")
+            traceback.print_exc(limit=2)
+    log("== gates at -50 (exact intra-chunk path)")
+    args_min = make_inputs(B, T, gates="min", h=args[0].shape[2])
+    ref_min = jax.jit(xla_fn())(*args_min) if ref is not None else None
+    bench_jax_layer("pallas g=-50", pallas_fn(None, interpret), args_min, B=B, T=T, ref=ref_min, bwd=True)
+    if not interpret:
+        decode_rows(sweep=True)
+
+
+def config_from_sweep(path: str):
+    """The fastest accurate forward variant of a sweep JSON, with the fastest backward variant's backward tiles."""
+    from dsla_jax.ops.dsla.pallas_gpu import GpuConfig
+
+    try:
+        with open(path) as f:
+            rows = json.load(f)["rows"]
+    except (OSError, ValueError, KeyError) as e:
+        log(f"no sweep results at {path} ({e}); default config")
+        return None
+    fwd = dict(sweep_variants())
+    bwd = dict(bwd_variants())
+    ok_f = [
+        r
+        for r in rows
+        if r["pass_"] == "fwd" and "ms" in r and r["impl"][7:] in fwd and (r["err_vs_xla"] or 1) < 1.5e-3
+    ]
+    ok_b = [r for r in rows if r["pass_"] == "fwd+bwd" and "ms" in r and r["impl"][7:] in bwd]
+    if not ok_f:
+        return None
+    kw = dict(fwd[min(ok_f, key=lambda r: r["ms"])["impl"][7:]])
+    if ok_b:
+        bk = bwd[min(ok_b, key=lambda r: r["ms"])["impl"][7:]]
+        kw.update(bwd_chunk=min(bk["bwd_chunk"], kw["chunk"]), bwd_num_warps=bk["bwd_num_warps"])
+    cfg = GpuConfig(**{k: v for k, v in kw.items() if k != "num_segments"})
+    log(f"config from sweep: {cfg}")
+    return cfg
+
+
+def run_table(shapes, interpret: bool, fla: bool, fla_bwd: bool, xla: bool, config=None, deadline=float("inf")):
+    for B, T in shapes:
+        log(f"== B{B} T{T}")
+        args = make_inputs(B, T, h=H if not interpret else 2)
+        ref = None
+        if xla:
+            ref = bench_jax_layer("xla (dsla_attention impl=xla)", xla_fn(), args, B=B, T=T, bwd=T * B <= 8192 * 4)
+        chunk = config.chunk if config is not None else 64
+        bench_jax_layer("pallas", pallas_fn(config, interpret, chunk), args, B=B, T=T, ref=ref)
+        if (B, T) == (1, 8192) or interpret:
+            args_min = make_inputs(B, T, gates="min", h=args[0].shape[2])
+            ref_min = jax.jit(xla_fn())(*args_min) if xla else None
+            bench_jax_layer("pallas g=-50", pallas_fn(config, interpret, chunk), args_min, B=B, T=T, ref=ref_min)
+            del args_min, ref_min
+        if not interpret:
+            q, k, v = args[0], args[1], args[2]
+            for impl in ("cudnn", "xla"):
+                if impl == "xla" and B * T > 8192:
+                    continue
+                try:
+                    f = jax.jit(
+                        lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
+                            q, k, v, is_causal=True, implementation=impl
+                        )
+                    )
+                    record(impl=f"jax softmax attention ({impl})", B=B, T=T, pass_="fwd", ms=time_jax(f, q, k, v))
+                except Exception as e:
+                    record(impl=f"jax softmax attention ({impl})", B=B, T=T, pass_="fwd", error=str(e)[:200])
+        del args, ref
+    decode_rows(B=64 if not interpret else 2, interpret=interpret)
+    if not interpret:
+        torch_rows(shapes, fla, fla_bwd, deadline)
+
+
+def print_table():
+    log("\n| impl | B | T | pass | ms | TB/s | err vs xla |")
+    log("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in ROWS:
+        ms = f"{r['ms']:.3f}" if "ms" in r else "ERR " + r.get("error", "")[:60]
+        tb = f"{r['TBps']:.2f}" if "TBps" in r else ""
+        err = r.get("err_vs_xla")
+        if err is None and r.get("grad_err_vs_xla"):
+            err = max(r["grad_err_vs_xla"])
+        err = f"{err:.1e}" if isinstance(err, float) else ""
+        log(f"| {r['impl']} | {r['B']} | {r['T']} | {r['pass_']} | {ms} | {tb} | {err} |")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="bench_kernels.json", help="JSON file of all rows")
+    ap.add_argument("--shapes", default=None, help="comma list like B1T2048,B4T8192 (default: the five standard)")
+    ap.add_argument("--sweep", action="store_true", help="time tile/launch variants instead of the table")
+    ap.add_argument("--sweep-budget", type=float, default=330.0, help="seconds after which the sweep stops")
+    ap.add_argument("--no-fla", action="store_true", help="skip flash-linear-attention")
+    ap.add_argument("--fla-bwd", action="store_true", help="also time FLA forward+backward (autotunes for minutes)")
+    ap.add_argument("--no-xla", action="store_true", help="skip the project's XLA path")
+    ap.add_argument("--config-from", default=None, help="a --sweep JSON: use its fastest accurate variant")
+    ap.add_argument("--budget", type=float, default=float("inf"), help="seconds after which FLA backward is skipped")
+    a = ap.parse_args(argv)
+    global OUT_PATH
+    OUT_PATH = a.out
+    backend = jax.default_backend()
+    interpret = backend == "cpu"
+    dev = jax.devices()[0]
+    log(f"backend={backend} device={dev.device_kind} jax={jax.__version__} python={platform.python_version()}")
+    if a.shapes:
+        shapes = [tuple(int(x) for x in s.strip()[1:].split("T")) for s in a.shapes.split(",")]
+    else:
+        shapes = SHAPES if not interpret else [(1, 64)]
+    t0 = time.time()
+    META.update(
+        device=dev.device_kind,
+        backend=backend,
+        jax=jax.__version__,
+        command="python -m bench.kernels " + " ".join(sys.argv[1:] if argv is None else argv),
+        heads=H,
+        head_dim=D,
+        dtype="bfloat16",
+    )
+    if a.sweep:
+        run_sweep(interpret, a.sweep_budget)
+    else:
+        config = config_from_sweep(a.config_from) if a.config_from else None
+        if config is not None:
+            META["config"] = repr(config)
+        run_table(shapes, interpret, not a.no_fla, a.fla_bwd, not a.no_xla, config, t0 + a.budget)
+    META["seconds"] = time.time() - t0
+    with open(a.out, "w") as f:
+        json.dump({"meta": META, "rows": ROWS}, f, indent=1)
+    print_table()
+
+
+if __name__ == "__main__":
+    main()
