@@ -5,18 +5,20 @@ dictionary, optimizer state) and `meta` (JSON: chain position, data-iterator pos
 evaluations so far, config). Orbax writes each one to a temporary folder and renames it when complete, so a kill never
 leaves a checkpoint that restores half-written.
 
-The distilled output (`<out_dir>/final/`, and `<out_dir>/stages/<n>_layers/` per stage) is
-    dsla.safetensors   DSLA tensors `model.layers.{i}.self_attn.dsla.*` (+ trained MLP / norm tensors, if any)
-    distill.json       base model spec, DSLA layer list, conversion order, mixer, config, evaluations
-    hf/                (final only, `checkpoint.export_hf`) the whole hybrid as a Hugging Face directory, which
-                       `python -m dsla_jax.generate --model <out_dir>/final/hf` and the eval CLIs load directly.
-`load_distilled(dir)` rebuilds the hybrid from the first two and the base model.
+The distilled output (`<out_dir>/final/`, and `<out_dir>/stages/<n>_layers/` per stage) is a DSLA parameter
+checkpoint (`dsla_jax.checkpoints.dsla_params`), which every CLI loads with `--model <base> --dsla-params <dir>`:
+    dsla.safetensors    DSLA tensors `model.layers.{i}.self_attn.dsla.*`
+    dsla_config.json    DSLA layer list, base model spec and architecture, plus: conversion order, mixer, training
+                        tokens, evaluations, the run's config
+    shared.safetensors  (only when MLPs / norms were trained) those tensors, HF names
+    hf/                 (final only, `checkpoint.export_hf`) the whole hybrid as a Hugging Face directory
+                        (`--model <out_dir>/final/hf` alone loads it).
+`load_distilled(dir)` rebuilds the hybrid from the base model and these files.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +28,15 @@ import orbax.checkpoint as ocp
 from safetensors.numpy import load_file, save_file
 
 from dsla_jax.checkpoints import load_checkpoint
+from dsla_jax.checkpoints.dsla_params import check_compatible, layers_in, load_dsla_params, save_dsla_params
 from dsla_jax.config import LlamaConfig
+from dsla_jax.loading import parse_dtype
 from dsla_jax.models.llama import Llama
 from dsla_jax.models.weights import load_llama
 from dsla_jax.tokenizer import Tokenizer, load_tokenizer
 
 FORMAT = 1
-DSLA_FILE = "dsla.safetensors"
-META_FILE = "distill.json"
+SHARED_FILE = "shared.safetensors"
 
 
 class CheckpointMismatch(ValueError):
@@ -113,27 +116,32 @@ class RunCheckpoints:
 # ---- distilled output ----------------------------------------------------------------------------------------------
 
 
-def write_distilled(directory: str | Path, tensors: dict[str, np.ndarray], info: dict[str, Any]) -> Path:
-    """Write `dsla.safetensors` (HF-named tensors) and `distill.json` (`info`: spec, dsla_layers, ...)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(directory / DSLA_FILE))
-    (directory / META_FILE).write_text(json.dumps({"format": FORMAT, **info}, indent=2) + "\n")
+def write_distilled(
+    directory: str | Path,
+    config: LlamaConfig,
+    dsla_tensors: dict[str, np.ndarray],
+    *,
+    base_model: str,
+    shared_tensors: dict[str, np.ndarray] | None = None,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """A DSLA parameter checkpoint (`dsla_jax.checkpoints.dsla_params` format: `dsla.safetensors` +
+    `dsla_config.json`, with `info` added to the JSON), plus `shared.safetensors` for trained MLP / norm tensors."""
+    directory = save_dsla_params(directory, dsla_tensors, config, base_model=base_model, extra=info, overwrite=True)
+    if shared_tensors:
+        save_file(
+            {k: np.ascontiguousarray(v, np.float32) for k, v in shared_tensors.items()}, str(directory / SHARED_FILE)
+        )
     return directory
 
 
-def load_distilled(directory: str | Path, *, dtype=None) -> tuple[Llama, Tokenizer]:
-    """The hybrid a distillation wrote to `directory` (base model from its spec + DSLA tensors), and its tokenizer."""
+def load_distilled(directory: str | Path, *, dtype: str = "float32") -> tuple[Llama, Tokenizer]:
+    """The hybrid a distillation wrote to `directory` (its base model + DSLA tensors + shared tensors, if any)."""
     directory = Path(directory)
-    meta_file, tensor_file = directory / META_FILE, directory / DSLA_FILE
-    if not meta_file.is_file() or not tensor_file.is_file():
-        raise FileNotFoundError(f"{directory}: not a distillation output (needs {META_FILE} and {DSLA_FILE})")
-    info = json.loads(meta_file.read_text())
-    config, state_dict = load_checkpoint(info["model"])
-    fp = model_fingerprint(config, state_dict)
-    if "fingerprint" in info:
-        check_fingerprint(info["fingerprint"], fp, str(directory))
-    state_dict.update(load_file(str(tensor_file)))
-    config = config.replace(dsla_layers=tuple(info["dsla_layers"]), dsla_grouped=bool(info.get("dsla_grouped", True)))
-    kw = {} if dtype is None else {"dtype": dtype}
-    return load_llama(config, state_dict, **kw), load_tokenizer(info["model"])
+    meta, tensors = load_dsla_params(directory)
+    config, state_dict = load_checkpoint(meta["base_model"])
+    check_compatible(meta, config, directory)
+    shared = directory / SHARED_FILE
+    state_dict = {**state_dict, **tensors, **(load_file(str(shared)) if shared.is_file() else {})}
+    config = config.replace(dsla_layers=layers_in(tensors), dsla_grouped=bool(meta.get("dsla_grouped", True)))
+    return load_llama(config, state_dict, dtype=parse_dtype(dtype)), load_tokenizer(meta["base_model"])

@@ -80,6 +80,8 @@ class ChainSection:
     layers: tuple[int, ...] = ()
     stages: tuple[float, ...] = (0.5,)
     steps_per_layer: int = 100
+    calibrate: bool = True
+    calibration_rows: int = 8
     train_previous: bool = True
     train_mlp: bool = False
     train_norms: bool = False
@@ -92,6 +94,7 @@ class ChainSection:
         _check(all(s > 0 for s in self.stages), "chain.stages", f"{list(self.stages)}: every stage must be > 0")
         _check(list(self.stages) == sorted(self.stages), "chain.stages", f"{list(self.stages)} must be increasing")
         _check(self.steps_per_layer >= 1, "chain.steps_per_layer", "must be >= 1")
+        _check(self.calibration_rows >= 1, "chain.calibration_rows", "must be >= 1")
 
 
 @dataclass(frozen=True)

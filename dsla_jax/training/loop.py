@@ -29,6 +29,7 @@ from dsla_jax.models.hybrid import dsla_state_dict
 from dsla_jax.models.llama import Llama
 from dsla_jax.models.weights import llama_state_dict, load_llama
 from dsla_jax.tokenizer import Tokenizer, load_tokenizer
+from dsla_jax.training.calibrate import calibrate
 from dsla_jax.training.chain import build_student, check_layers, make_hybrid, make_plan, trained_shared_keys
 from dsla_jax.training.checkpoint import (
     CheckpointMismatch,
@@ -117,6 +118,7 @@ def resolve_order(
         model_cfg=cfg.model,
         fingerprint=fingerprint["weights"],
         cache_dir=cfg.ordering.cache_dir or cfg.out_dir,
+        calibration_rows=cfg.chain.calibration_rows if cfg.chain.calibrate else 0,
         progress=cfg.log.progress,
     )
     return result["order"]
@@ -230,6 +232,11 @@ def run_distillation(
     say(f"conversion order ({cfg.chain.ordering}): {list(plan.order)}; stages {list(plan.stages)} of {num_layers}")
 
     student = build_student(teacher, plan.chain_layers, cfg.model)
+    if cfg.chain.calibrate:
+        mixers = {i: student.layers[i].self_attn for i in plan.chain_layers}
+        rows = cfg.chain.calibration_rows
+        scales = calibrate(teacher, mixers, train_rows, num_rows=rows, batch_size=cfg.ordering.batch_size)
+        say("output scales of the fresh DSLA layers: " + ", ".join(f"{i}: {s:.3g}" for i, s in scales.items()))
     teacher_graph, teacher_flat = split_model(teacher)
     student_graph, student_flat = split_model(student)
     keep = trainable_filter(
@@ -285,12 +292,9 @@ def run_distillation(
             "config": cfg.to_dict(),
         }
 
-    def distilled_info(layers: list[int], results: dict[str, Any] | None) -> dict[str, Any]:
+    def distilled_info(results: dict[str, Any] | None) -> dict[str, Any]:
         return {
-            "model": cfg.model.spec,
             "fingerprint": fingerprint,
-            "dsla_layers": sorted(layers),
-            "dsla_grouped": cfg.model.dsla_grouped,
             "order": list(plan.order),
             "mixer": cfg.model.mixer,
             "training_tokens": pos.tokens,
@@ -311,10 +315,16 @@ def run_distillation(
             pos.evals.append(record)
             log.write("eval", **record)
         if is_main:
-            tensors = dsla_state_dict(hybrid)
             full = llama_state_dict(hybrid) if cfg.chain.train_mlp or cfg.chain.train_norms else {}
-            tensors.update({k: full[k] for k in trained_shared_keys(full, tuple(layers), cfg.chain)})
-            write_distilled(directory, tensors, distilled_info(layers, results))
+            shared = {k: full[k] for k in trained_shared_keys(full, tuple(layers), cfg.chain)}
+            write_distilled(
+                directory,
+                hybrid.config,
+                dsla_state_dict(hybrid),
+                base_model=cfg.model.spec,
+                shared_tensors=shared,
+                info=distilled_info(results),
+            )
         return hybrid
 
     active_sh = replicated(mesh)

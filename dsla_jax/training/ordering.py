@@ -4,10 +4,10 @@
   query's softmax attention distribution, averaged over heads and prompts. A low entropy means a layer attends
   sharply, which the original takes as the layer the model depends on least for long-range mixing.
 * `sensitivity` (measured): KL(teacher || hybrid) of the next-token distributions on held-out text when that one
-  layer alone is replaced by its freshly converted DSLA layer, averaged over valid tokens.
+  layer alone is replaced by its freshly converted DSLA layer (output scale calibrated, as the chain starts it),
+  averaged over valid tokens.
 
-Both run the teacher layer by layer (one jitted function per mixer kind, shared by all layers), so scoring L layers
-compiles a handful of programs, not L. `compare_orders` reports how two orders differ.
+Both run the teacher layer by layer (`layerwise.py`). `compare_orders` reports how two orders differ.
 """
 
 from __future__ import annotations
@@ -26,23 +26,17 @@ from tqdm import tqdm
 from dsla_jax.layers.context import MixerInputs
 from dsla_jax.models.hybrid import build_dsla
 from dsla_jax.models.llama import Llama
+from dsla_jax.training.calibrate import calibrate
 from dsla_jax.training.chain import configure_dsla
 from dsla_jax.training.config import ModelSection, OrderingSection
 from dsla_jax.training.data import TokenRows
-from dsla_jax.training.forward import decoder_layer, mixer_inputs, original_attention
+from dsla_jax.training.forward import mixer_inputs, original_attention
+from dsla_jax.training.layerwise import apply_layer, embed, kl_sum, layer_inputs, log_probs, row_batches, split_layers
 
 METHODS = ("entropy", "sensitivity")
 
 
-# ---- jitted pieces -----------------------------------------------------------------------------------------------
-
-
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _apply_layer(layer_graph, layer_state, mixer_graph, mixer_state, x, info: MixerInputs) -> jax.Array:
-    """One decoder layer with a given mixer: x [B, T, D] -> [B, T, D]."""
-    layer = nnx.merge(layer_graph, layer_state)
-    mixer = original_attention(layer) if mixer_graph is None else nnx.merge(mixer_graph, mixer_state)
-    return decoder_layer(layer, mixer, x, info)
+# ---- scores ------------------------------------------------------------------------------------------------------
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -62,42 +56,6 @@ def _last_query_entropy(layer_graph, layer_state, x, info: MixerInputs) -> jax.A
     return ent.reshape(b, -1).mean(axis=1)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _embed(graph, state, tokens) -> jax.Array:
-    return nnx.merge(graph, state).embed_tokens(tokens)
-
-
-def _log_probs_of(graph, state, x) -> jax.Array:
-    """Final norm + logits: residual stream x [B, T, D] -> log-probabilities [B, T, V] float32."""
-    model = nnx.merge(graph, state)
-    return jax.nn.log_softmax(model.logits(model.norm(x)), axis=-1)
-
-
-_log_probs = jax.jit(_log_probs_of, static_argnums=0)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _kl_sum(graph, state, x, teacher_logp, valid) -> jax.Array:
-    """Sum over valid tokens of KL(teacher || the model's distribution from x)."""
-    logp = _log_probs_of(graph, state, x)
-    kl = jnp.sum(jnp.exp(teacher_logp) * (teacher_logp - logp), axis=-1)
-    return jnp.sum(jnp.where(valid, kl, 0.0))
-
-
-# ---- scores ------------------------------------------------------------------------------------------------------
-
-
-def _rows_batches(rows: TokenRows, batch_size: int, max_rows: int):
-    n = min(len(rows), max_rows)
-    for start in range(0, n, batch_size):
-        part = rows.take(slice(start, min(start + batch_size, n)))
-        yield jnp.asarray(part["tokens"]), jnp.asarray(part["valid"])
-
-
-def _layer_split(model: Llama) -> list[tuple[Any, Any]]:
-    return [nnx.split(layer) for layer in model.layers]
-
-
 def entropy_scores(model: Llama, rows: TokenRows, cfg: OrderingSection, *, seed: int = 0, progress: bool = True):
     """Per-layer mean last-query attention entropy over `cfg.prompts` prompts cut from `rows`.
 
@@ -112,48 +70,57 @@ def entropy_scores(model: Llama, rows: TokenRows, cfg: OrderingSection, *, seed:
     tokens = rows.tokens[:n, :t]
     valid = rows.valid[:n, :t] & (np.arange(t)[None, :] < lengths[:, None])
     graph, state = nnx.split(model)
-    layers = _layer_split(model)
+    layers = split_layers(model)
     totals = np.zeros(len(layers))
     for start in tqdm(range(0, n, cfg.batch_size), desc="entropy", unit="batch", disable=not progress):
         tok = jnp.asarray(tokens[start : start + cfg.batch_size])
         val = jnp.asarray(valid[start : start + cfg.batch_size])
         info = mixer_inputs(model, val)
-        x = _embed(graph, state, tok)
+        x = embed(graph, state, tok)
         for i, (lg, ls) in enumerate(layers):
             totals[i] += float(jnp.sum(_last_query_entropy(lg, ls, x, info)))
-            x = _apply_layer(lg, ls, None, None, x, info)
+            x = apply_layer(lg, ls, None, None, x, info)
     return (totals / n).tolist()
 
 
 def sensitivity_scores(
-    model: Llama, rows: TokenRows, cfg: OrderingSection, model_cfg: ModelSection, *, progress: bool = True
+    model: Llama,
+    rows: TokenRows,
+    cfg: OrderingSection,
+    model_cfg: ModelSection,
+    *,
+    calibration_rows: TokenRows | None = None,
+    num_calibration_rows: int = 8,
+    progress: bool = True,
 ) -> list[float]:
-    """Per-layer KL(teacher || model with that layer alone freshly converted to DSLA) on held-out `rows`."""
+    """Per-layer KL(teacher || model with that layer alone freshly converted to DSLA) on held-out `rows`.
+
+    With `calibration_rows`, each fresh layer's output scale is calibrated first (as the chain does).
+    """
     if len(rows) == 0:
         raise ValueError("no held-out rows to measure layer sensitivity on")
     graph, state = nnx.split(model)
-    layers = _layer_split(model)
-    mixers = []
+    layers = split_layers(model)
+    fresh = {}
     for i in range(len(layers)):
-        dsla = build_dsla(model, i)
-        configure_dsla(dsla, model_cfg)
-        mixers.append(nnx.split(dsla))
+        fresh[i] = build_dsla(model, i)
+        configure_dsla(fresh[i], model_cfg)
+    if calibration_rows is not None:
+        calibrate(model, fresh, calibration_rows, num_rows=num_calibration_rows, batch_size=cfg.batch_size)
+    mixers = {i: nnx.split(m) for i, m in fresh.items()}
     max_rows = max(1, -(-cfg.sensitivity_tokens // rows.seq_len))
-    kl_sum, count = np.zeros(len(layers)), 0
-    batches = list(_rows_batches(rows, cfg.batch_size, max_rows))
+    totals, count = np.zeros(len(layers)), 0
+    batches = list(row_batches(rows, cfg.batch_size, max_rows))
     for tok, val in tqdm(batches, desc="sensitivity", unit="batch", disable=not progress):
-        info = mixer_inputs(model, val)
-        xs = [_embed(graph, state, tok)]
-        for lg, ls in layers:
-            xs.append(_apply_layer(lg, ls, None, None, xs[-1], info))
-        teacher_logp = _log_probs(graph, state, xs[-1])
+        info, xs = layer_inputs(model, layers, tok, val)
+        teacher_logp = log_probs(graph, state, xs[-1])
         for i, (lg, ls) in enumerate(layers):
-            x = _apply_layer(lg, ls, mixers[i][0], mixers[i][1], xs[i], info)
+            x = apply_layer(lg, ls, mixers[i][0], mixers[i][1], xs[i], info)
             for lg2, ls2 in layers[i + 1 :]:
-                x = _apply_layer(lg2, ls2, None, None, x, info)
-            kl_sum[i] += float(_kl_sum(graph, state, x, teacher_logp, val))
+                x = apply_layer(lg2, ls2, None, None, x, info)
+            totals[i] += float(kl_sum(graph, state, x, teacher_logp, val))
         count += int(jnp.sum(val))
-    return (kl_sum / max(count, 1)).tolist()
+    return (totals / max(count, 1)).tolist()
 
 
 def order_from_scores(scores: list[float]) -> list[int]:
@@ -233,10 +200,12 @@ def layer_order(
     model_cfg: ModelSection,
     fingerprint: str,
     cache_dir: str | Path,
+    calibration_rows: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
     """The scores and order of `method`, cached as `<cache_dir>/ordering_<method>.json` (reused when model, data and
-    settings match). Entropy prompts come from `prompt_rows`, sensitivity text from `heldout_rows`."""
+    settings match). Entropy prompts come from `prompt_rows`, sensitivity text from `heldout_rows`; with
+    `calibration_rows` > 0 the fresh layers' output scales are calibrated on that many `prompt_rows` first."""
     if method == "entropy":
         key = {
             "model": fingerprint,
@@ -252,6 +221,15 @@ def layer_order(
             "tokens": cfg.sensitivity_tokens,
             "mixer": model_cfg.mixer,
             "grouped": model_cfg.dsla_grouped,
+            "calibration_rows": calibration_rows,
         }
-        compute = lambda: sensitivity_scores(model, heldout_rows, cfg, model_cfg, progress=progress)  # noqa: E731
+        compute = lambda: sensitivity_scores(  # noqa: E731
+            model,
+            heldout_rows,
+            cfg,
+            model_cfg,
+            calibration_rows=prompt_rows if calibration_rows else None,
+            num_calibration_rows=calibration_rows,
+            progress=progress,
+        )
     return cached_order(method, Path(cache_dir) / f"ordering_{method}.json", key, compute)

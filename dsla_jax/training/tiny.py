@@ -22,18 +22,18 @@ from dsla_jax.models.llama import Llama
 from dsla_jax.models.weights import llama_state_dict
 from dsla_jax.tokenizer import Tokenizer
 
-SPECIALS = ("<unk>", "<s>", "</s>")
+SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
 
 
 def char_tokenizer() -> Tokenizer:
-    """Printable ASCII characters as tokens (ids 3..), <unk>=0, <s>=1, </s>=2: 103 ids."""
+    """Printable ASCII characters as tokens (ids 4..), <unk>=0, <s>=1, </s>=2, <pad>=3: 104 ids."""
     chars = [c for c in string.printable if c not in "\x0b\x0c"]
     vocab = {t: i for i, t in enumerate([*SPECIALS, *chars])}
     backend = HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens(list(SPECIALS))
-    return Tokenizer(backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", add_bos=False)
+    return Tokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", add_bos=False)
 
 
 def tiny_config(layers: int = 4, *, kv_heads: int = 2, tied: bool = True) -> LlamaConfig:
