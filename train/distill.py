@@ -2,7 +2,8 @@
 
     python -m train.distill --config configs/smollm2_demo.yaml [section.key=value ...] [--resume]
 
-Every key is described in configs/base.yaml and docs/distill.md.
+Every key is described in configs/base.yaml and docs/distill.md. Exit status 0: done; 75: stopped by
+train.time_limit_s after writing a checkpoint (rerun with --resume); 1: an error, explained on stderr.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dsla_jax.training.config import DistillConfigError
 from dsla_jax.training.data import DataError
 from dsla_jax.training.sharding import MeshError
 
+INCOMPLETE = 75  # stopped by train.time_limit_s after a checkpoint: rerun with --resume
 USER_ERRORS = (DistillConfigError, DataError, MeshError, CheckpointError, CheckpointMismatch, RunError, NonFiniteLoss)
 
 
@@ -34,10 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     config = args.config or Path(__file__).resolve().parents[1] / "configs" / "smollm2_demo.yaml"
     try:
         cfg = load_config(config, args.overrides)
-        run_distillation(cfg, resume=args.resume)
+        summary = run_distillation(cfg, resume=args.resume)
     except USER_ERRORS as e:
         raise SystemExit(f"error: {e}") from None
-    return 0
+    return 0 if summary["complete"] else INCOMPLETE
 
 
 if __name__ == "__main__":

@@ -135,6 +135,7 @@ class TrainSection:
     grad_accum: int = 1
     on_nan: str = "stop"
     remat: bool = False
+    time_limit_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
@@ -145,6 +146,7 @@ class TrainSection:
             f"{self.batch_size} is not a multiple of train.grad_accum={self.grad_accum}",
         )
         _one_of(self.on_nan, "train.on_nan", ("stop", "skip"))
+        _check(self.time_limit_s >= 0, "train.time_limit_s", "must be >= 0 (0 = no limit)")
 
 
 @dataclass(frozen=True)
@@ -312,7 +314,10 @@ def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
             nxt = {}
         node[p] = nxt
         node = nxt
-    node[parts[-1]] = value
+    if parts[-1] == "model" and isinstance(value, str) and isinstance(node.get("model"), dict):
+        node["model"] = {**node["model"], "spec": value}  # `model=NAME` sets the spec, keeps the rest
+    else:
+        node[parts[-1]] = value
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -178,8 +178,9 @@ def run_distillation(
     cfg: DistillConfig, *, resume: bool = False, after_step: Callable[[int], None] | None = None
 ) -> dict[str, Any]:
     """Run (or, with `resume`, continue) the distillation `cfg` describes; returns the summary (also in
-    `<out_dir>/summary.json`). `after_step(global_step)` is called after every step and its checkpoint (tests use it
-    to interrupt a run)."""
+    `<out_dir>/summary.json`), or {"complete": False, ...} when `train.time_limit_s` stopped it early (after a
+    checkpoint). `after_step(global_step)` is called after every step and its checkpoint (tests use it to interrupt
+    a run)."""
     started = time.perf_counter()
     out = Path(cfg.out_dir)
     if cfg.compile_cache:
@@ -327,6 +328,7 @@ def run_distillation(
             )
         return hybrid
 
+    limit = cfg.train.time_limit_s
     active_sh = replicated(mesh)
     b_sh = batch_sharding(mesh)
     n_proc, proc = jax.process_count(), jax.process_index()
@@ -394,10 +396,18 @@ def run_distillation(
                     bar.set_description(f"layer {layer}: evaluating stage {k + 1}")
                     export_stage(k + 1, out / "stages" / f"{k + 1}_layers")
             every = cfg.checkpoint.every_steps
-            if layer_done or (every and pos.global_step % every == 0):
+            out_of_time = bool(limit) and time.perf_counter() - started > limit
+            if layer_done or out_of_time or (every and pos.global_step % every == 0):
                 ckpts.save(pos.global_step, {"params": trainable, "opt_state": opt_state}, meta_now())
             if after_step is not None:
                 after_step(pos.global_step)
+            if out_of_time and not (layer_done and k + 1 == plan.length):
+                bar.close()
+                ckpts.wait()
+                ckpts.close()
+                log.close()
+                say(f"time limit of {limit:.0f} s reached after step {pos.global_step}; continue with --resume")
+                return {"complete": False, "out_dir": str(out), "steps": pos.global_step, "tokens": pos.tokens}
         bar.close()
         log.write("layer_done", chain_step=k + 1, layer=layer, global_step=pos.global_step, tokens=pos.tokens)
 
@@ -410,6 +420,7 @@ def run_distillation(
     ckpts.wait()
     ckpts.close()
     summary = {
+        "complete": True,
         "out_dir": str(out),
         "model": cfg.model.spec,
         "order": list(plan.order),

@@ -63,3 +63,28 @@ def tiny_model_dir(path: str | Path, config: LlamaConfig | None = None, *, seed:
         if k.endswith("norm.weight"):
             state[k] = (1.0 + 0.1 * rng.standard_normal(state[k].shape)).astype(np.float32)
     return save_hf(path, config, state, tokenizer_dir_files=char_tokenizer().to_files(), overwrite=True)
+
+
+_WORDS = (
+    "the a of and to in is was that he for it with as his on be at by had not are but from or have an they which one "
+    "you were her all she there would their we him been has when who will more no if out so said what up its about "
+    "into than them can only other new some could time these two may then do first any my now such like our over man"
+).split()
+
+
+def tiny_corpus(path: str | Path, *, docs: int = 12, words: int = 400, seed: int = 0) -> Path:
+    """A folder of `docs` text files of pseudo-English (seeded, ASCII): training text for the tiny model."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for d in range(docs):
+        picks = rng.choice(len(_WORDS), size=words, p=_zipf(len(_WORDS)))
+        sentences = " ".join(_WORDS[i] for i in picks).split(" the ")
+        text = ". The ".join(sentences).strip() + ".\n"
+        (path / f"doc{d:03d}.txt").write_text(text[:1].upper() + text[1:])
+    return path
+
+
+def _zipf(n: int) -> np.ndarray:
+    w = 1.0 / np.arange(1, n + 1)
+    return w / w.sum()
