@@ -11,6 +11,8 @@ import pytest
 from _assert_close import assert_close, tol
 
 from dsla_jax.ops.dsla import XLA_DEFAULT, dsla_attention, dsla_decode_step
+from dsla_jax.ops.dsla.chunk import chunk_dsla_fused, chunk_dsla_two
+from dsla_jax.ops.gla.chunk import _chunks_per_block
 
 F32 = 1e-5  # float32 tolerance (also of states and gradients: the token loop runs in float32 for every dtype)
 
@@ -211,6 +213,37 @@ def test_gradients_match_naive(B, T, H, Hk, D, dtype, gates, impls):
                 # Gradients of bf16 inputs are rounded to bf16; mix and state gradients are float32 in both.
                 rtol = F32 if gl.dtype == jnp.float32 else tol(gl.dtype)
                 assert_close(f"{impl} {name}[{i}]", rl, gl, rtol)
+
+
+@pytest.mark.parametrize("form", ["fused", "two"])
+def test_blocked_scan_matches_naive(form):
+    """Force several blocks of chunks (the CPU memory bound), incl. a block count that needs padding: 7 chunks in
+    blocks of 4; values and gradients against the token loop."""
+    B, T, H, Hk, D = 1, 7 * 64 - 5, 3, 1, 16
+    q, k, v, g1, g2, mix, s0 = make_inputs(13, B, T, H, Hk, D, jnp.float32, ("mixed", "logsig"))
+    fn = {"fused": chunk_dsla_fused, "two": chunk_dsla_two}[form]
+    per_chunk = B * Hk * max(H // Hk, 2) * 64 * 16 * (2 * D if form == "fused" else D)  # gla.chunk._chunks_per_block
+    assert _chunks_per_block(7, B * Hk, H // Hk, 64, 16, per_chunk // (B * Hk * 3 * 64 * 16), 4 * per_chunk) == 4
+
+    def loss(impl, q, k, v, g1, g2, mix, s0):
+        if impl == "naive":
+            o, s = dsla_attention(q, k, v, g1, g2, mix, initial_state=s0, impl="naive")
+        else:
+            o, s = fn(q, k, v, g1, g2, mix, initial_state=s0, block_elems=4 * per_chunk)
+        return jnp.sum(jnp.sin(o)) + jnp.sum(s[0] * s[1]), (o, s)
+
+    ref, (o_ref, s_ref) = _grad_with(loss, "naive", q, k, v, g1, g2, mix, s0)
+    got, (o, s) = _grad_with(loss, "blocked", q, k, v, g1, g2, mix, s0)
+    assert_close("o", o_ref, o, F32)
+    assert_close("S1", s_ref[0], s[0], F32)
+    for name, r, g in zip(("dq", "dk", "dv", "dg1", "dg2", "dmix", "ds0"), ref, got):
+        for rl, gl in zip(jax.tree.leaves(r), jax.tree.leaves(g)):
+            assert_close(name, rl, gl, F32)
+
+
+def _grad_with(loss, impl, *args):
+    fn = fast_jit(jax.grad(functools.partial(loss, impl), argnums=(0, 1, 2, 3, 4, 5, 6), has_aux=True))
+    return fn(*args)
 
 
 def test_auto_matches_naive():

@@ -5,7 +5,8 @@ Two equivalent forms:
 * `chunk_dsla_two`: two chunked GLA passes (gates g1, g2), outputs mixed: o = mix[0] o1 + mix[1] o2.
 * `chunk_dsla_fused`: ONE chunked GLA with key dimension 2K: k' = [k, k], g' = [g1, g2], q' = [mix[0] q, mix[1] q]
   (concatenated along the key dim). Its state [2K, V] is [S1; S2] stacked, and q' S' = mix[0] q S1 + mix[1] q S2.
-  Both states share the chunk loop, the within-chunk score matrix and its product with v.
+  Both states share the chunk loop, the within-chunk score matrix and its product with v. The concatenation is
+  done per block inside the chunk loop (`chunk_gla_multi`), so no 2K-wide copy of the sequence is made.
 
 Which one `impl="xla"` runs is `XLA_DEFAULT` (measured with `python -m bench.ops`, see there).
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dsla_jax.ops.gla.chunk import SUB_CHUNK, chunk_gla_grouped
+from dsla_jax.ops.gla.chunk import SUB_CHUNK, chunk_gla_multi
 from dsla_jax.ops.utils import check_gla_shapes, check_mix, group_queries, resolve_scale, ungroup_queries
 
 States = tuple[jax.Array, jax.Array]
@@ -47,10 +48,10 @@ def chunk_dsla_two(
     """Chunked DSLA as two GLA passes. Shapes as `dsla_attention`: q [B, T, H, K], k/g1/g2 [B, T, Hk, K],
     v [B, T, Hk, V], mix [2]; returns o [B, T, H, V] in q's dtype and (S1, S2) [B, Hk, K, V] float32."""
     Hk, K, scale, s0 = _prepare(q, k, v, g1, g2, mix, scale, initial_state)
-    qg = group_queries(q.astype(jnp.float32), Hk)
+    qg = group_queries(q, Hk)
     kw = dict(scale=scale, chunk_size=chunk_size, sub_chunk=sub_chunk, block_elems=block_elems)
-    o1, s1 = chunk_gla_grouped(qg, k, v, g1, s0[0], **kw)
-    o2, s2 = chunk_gla_grouped(qg, k, v, g2, s0[1], **kw)
+    o1, (s1,) = chunk_gla_multi(qg, k, v, (g1,), (s0[0],), None, **kw)
+    o2, (s2,) = chunk_gla_multi(qg, k, v, (g2,), (s0[1],), None, **kw)
     w = mix.astype(jnp.float32)
     return ungroup_queries(w[0] * o1 + w[1] * o2).astype(q.dtype), (s1, s2)
 
@@ -71,13 +72,8 @@ def chunk_dsla_fused(
 ) -> tuple[jax.Array, States]:
     """Chunked DSLA as one GLA with key dimension 2K. Shapes as `chunk_dsla_two`."""
     Hk, K, scale, s0 = _prepare(q, k, v, g1, g2, mix, scale, initial_state)
-    w = mix.astype(jnp.float32)
-    q32 = q.astype(jnp.float32)
-    q2 = group_queries(jnp.concatenate([w[0] * q32, w[1] * q32], axis=-1), Hk)  # [B, T, Hk, G, 2K]
-    k2 = jnp.concatenate([k, k], axis=-1)
-    g2k = jnp.concatenate([g1, g2], axis=-1)
-    s02 = jnp.concatenate(s0, axis=-2)  # [B, Hk, 2K, V]
-    o, s = chunk_gla_grouped(
-        q2, k2, v, g2k, s02, scale=scale, chunk_size=chunk_size, sub_chunk=sub_chunk, block_elems=block_elems
+    o, s = chunk_gla_multi(
+        group_queries(q, Hk), k, v, (g1, g2), s0, mix, scale=scale, chunk_size=chunk_size, sub_chunk=sub_chunk,
+        block_elems=block_elems,
     )
-    return ungroup_queries(o).astype(q.dtype), (s[..., :K, :], s[..., K:, :])
+    return ungroup_queries(o).astype(q.dtype), s

@@ -20,10 +20,17 @@ hi + lo (hi: exact cumsum of the gates rounded to a 2^-12 grid; lo: cumsum of th
 are formed as (hi_i - hi_j) + (lo_i - lo_j): exact to about an ulp of the difference itself, which keeps the chunked
 path within ~1e-7 of the token loop.
 
-The chunk states (all chunks at once, then a `lax.scan` over chunks for the carried state) come first; the chunk
-outputs, independent given the entering states, are computed in blocks of chunks under `jax.checkpoint`, so the
-backward pass recomputes them block by block and keeps no per-token state: residuals are the inputs and one [K, V]
-state per chunk. Everything is accumulated in float32 whatever the input dtype.
+The sequence is processed in blocks of chunks by a `lax.scan` that carries the state from block to block. Inside a
+block, the state increments of all its chunks are computed at once, a short scan over its chunks forms the states
+entering them, and the chunk outputs (independent given those states) are computed at once. The block body is under
+`jax.checkpoint` and reads its slice of the inputs itself, so the backward pass recomputes one block at a time and
+keeps no per-token state: residuals are the inputs and one [K, V] state per block. Blocks are sized per backend
+(`BLOCK_ELEMS`): on accelerators one block usually holds the whole sequence, on CPU blocks keep temporaries small.
+Everything is accumulated in float32 whatever the input dtype.
+
+Several GLA states sharing q, k, v and differing in gates (DSLA) run as one GLA of key dimension n * K: keys
+repeated, gates concatenated, queries scaled by each state's output weight (`chunk_gla_multi`); the concatenation is
+done per block.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ SUB_CHUNK = 16
 
 # Largest float32 element count of the biggest per-block temporary (the [c, c, K] blocks of all chunks of a block)
 # per backend. Bounds the memory of the output computation and its recomputation in the backward pass.
-BLOCK_ELEMS = {"cpu": 1 << 24, "gpu": 1 << 28, "tpu": 1 << 28}
+BLOCK_ELEMS = {"cpu": 1 << 20, "gpu": 1 << 28, "tpu": 1 << 28}
 
 
 def _einsum(spec: str, *xs: jax.Array) -> jax.Array:
@@ -75,7 +82,15 @@ def _exp_diff(x: tuple[jax.Array, jax.Array], y: tuple[jax.Array, jax.Array]) ->
 
 
 def _chunk_outputs(
-    q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, s: jax.Array, *, scale: float, sub_chunk: int
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    hi: jax.Array,
+    lo: jax.Array,
+    s: jax.Array,
+    *,
+    scale: float,
+    sub_chunk: int,
 ) -> jax.Array:
     """Outputs of a batch of chunks given the states entering them.
 
@@ -83,7 +98,7 @@ def _chunk_outputs(
         q: [n, Z, G, C, K] queries (Z = B * Hk).
         k: [n, Z, C, K] keys.
         v: [n, Z, C, V] values.
-        g: [n, Z, C, K] log gates.
+        hi, lo: [n, Z, C, K] within-chunk inclusive cumsum of the log gates (`cumsum_hi_lo`).
         s: [n, Z, K, V] state entering each chunk.
 
     Returns:
@@ -93,7 +108,6 @@ def _chunk_outputs(
     V = v.shape[-1]
     c = sub_chunk
     m = C // c
-    hi, lo = cumsum_hi_lo(g, axis=2)  # b, [n, Z, C, K]
     zero = jnp.zeros((), hi.dtype)
 
     # Contribution of the state entering the chunk; exponent b_i <= 0.
@@ -125,89 +139,104 @@ def _chunk_outputs(
     return scale * o
 
 
-def _block_chunks(n_chunks: int, Z: int, G: int, C: int, c: int, K: int, block_elems: int | None) -> int:
-    """How many chunks one block of the output computation holds."""
+def _chunks_per_block(n_chunks: int, Z: int, G: int, C: int, c: int, K: int, block_elems: int | None) -> int:
+    """How many chunks one block holds: as many as `block_elems` allows, preferring a divisor of `n_chunks`."""
     if block_elems is None:
         block_elems = BLOCK_ELEMS.get(backend(), BLOCK_ELEMS["gpu"])
     per_chunk = Z * max(G, 2) * C * c * K
-    return max(1, min(n_chunks, block_elems // per_chunk))
+    nb = max(1, min(n_chunks, block_elems // per_chunk))
+    for d in range(nb, (nb + 1) // 2 - 1, -1):  # a divisor within a factor 2 avoids padding
+        if n_chunks % d == 0:
+            return d
+    return nb
 
 
-def chunk_gla_grouped(
+def chunk_gla_multi(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    g: jax.Array,
-    s0: jax.Array,
+    gates: tuple[jax.Array, ...],
+    states: tuple[jax.Array, ...],
+    weights: jax.Array | None,
     *,
     scale: float,
     chunk_size: int = 64,
     sub_chunk: int = SUB_CHUNK,
     block_elems: int | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Chunked GLA on grouped queries, no shape checks (callers validate).
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """Chunked GLA of n states sharing q, k, v, with output sum_i weights[i] * o_i; no shape checks.
 
     Args:
-        q: [B, T, Hk, G, K] queries, any float dtype.
+        q: [B, T, Hk, G, K] grouped queries, any float dtype.
         k: [B, T, Hk, K] keys.
         v: [B, T, Hk, V] values.
-        g: [B, T, Hk, K] log forget gates.
-        s0: [B, Hk, K, V] float32 initial state.
+        gates: n log-gate arrays [B, T, Hk, K].
+        states: n float32 initial states [B, Hk, K, V].
+        weights: [n] output weights, or None for n = 1 (weight 1).
         scale: output scale.
-        chunk_size: C; T is zero-padded to a multiple of it (padded steps keep the state: g = k = v = 0).
-        sub_chunk: c, must divide C (a smaller C is used for short sequences).
-        block_elems: memory bound of a block of chunk outputs, see `BLOCK_ELEMS`.
+        chunk_size: C; T is zero-padded to whole blocks of chunks (padded steps keep the state: g = k = v = 0).
+        sub_chunk: c (a divisor of C is used, see `check_chunking`).
+        block_elems: memory bound of a block, see `BLOCK_ELEMS`.
 
     Returns:
-        o [B, T, Hk, G, V] float32 and the final state [B, Hk, K, V] float32.
+        o [B, T, Hk, G, V] float32 and the n final states [B, Hk, K, V] float32.
     """
     B, T, Hk, G, K = q.shape
     V = v.shape[-1]
+    n = len(gates)
+    nK = n * K
     c = check_chunking(chunk_size, sub_chunk)
     C = min(chunk_size, c * math.ceil(T / c))  # short sequences: one shorter chunk
+    c = math.gcd(C, c)
     N = math.ceil(T / C)
-    Tp = N * C
     Z = B * Hk
+    nb = _chunks_per_block(N, Z, G, C, c, nK, block_elems)
+    nblk = math.ceil(N / nb)
+    L = nb * C  # tokens per block
     f32 = jnp.float32
+    q, k, v, *gates = (pad_time(x, nblk * L) for x in (q, k, v, *gates))
+    w = None if weights is None else weights.astype(f32)
 
-    def chunked(x: jax.Array) -> jax.Array:  # [B, Tp, Hk, D] -> [N, Z, C, D]
-        D = x.shape[-1]
-        x = pad_time(x.astype(f32), Tp).reshape(B, N, C, Hk, D)
-        return x.transpose(1, 0, 3, 2, 4).reshape(N, Z, C, D)
+    def to_chunks(x: jax.Array) -> jax.Array:  # [B, L, Hk, D] -> [nb, Z, C, D]
+        return x.reshape(B, nb, C, Hk, x.shape[-1]).transpose(1, 0, 3, 2, 4).reshape(nb, Z, C, x.shape[-1])
 
-    kc, vc, gc = chunked(k), chunked(v), chunked(g)
-    qc = pad_time(q.astype(f32), Tp).reshape(B, N, C, Hk, G, K)
-    qc = qc.transpose(1, 0, 3, 4, 2, 5).reshape(N, Z, G, C, K)
+    def block(s: jax.Array, j: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """State entering block j [Z, nK, V] -> (state leaving it, outputs [B, L, Hk, G, V])."""
 
-    # Decay from each token to the chunk end (exponent b_C - b_j <= 0) and across each chunk.
-    hi, lo = cumsum_hi_lo(gc, axis=2)
-    last = (hi[:, :, -1:], lo[:, :, -1:])
-    incr = _einsum("nzck,nzcv->nzkv", kc * _exp_diff(last, (hi, lo)), vc)
-    decay = jnp.exp(last[0] + last[1])[:, :, 0]  # [N, Z, K]
+        def take(x):
+            return jax.lax.dynamic_slice_in_dim(x, j * L, L, axis=1).astype(f32)
 
-    def carry_state(s, xs):
-        d, u = xs
-        return d[..., None] * s + u, s
+        qb, kb, vb = take(q), take(k), take(v)
+        if w is not None:
+            qb = jnp.concatenate([w[i] * qb for i in range(n)], axis=-1)
+        qc = qb.reshape(B, nb, C, Hk, G, nK).transpose(1, 0, 3, 4, 2, 5).reshape(nb, Z, G, C, nK)
+        kc = to_chunks(jnp.concatenate([kb] * n, axis=-1) if n > 1 else kb)
+        gc = to_chunks(jnp.concatenate([take(g) for g in gates], axis=-1))
+        vc = to_chunks(vb)
 
-    s_final, s_enter = jax.lax.scan(carry_state, s0.astype(f32).reshape(Z, K, V), (decay, incr))
+        hi, lo = cumsum_hi_lo(gc, axis=2)
+        last = (hi[:, :, -1:], lo[:, :, -1:])
+        # State increment of each chunk (exponent b_C - b_j <= 0) and the decay across it.
+        incr = _einsum("nzck,nzcv->nzkv", kc * _exp_diff(last, (hi, lo)), vc)
+        decay = jnp.exp(last[0] + last[1])[:, :, 0]  # [nb, Z, nK]
 
-    nb = _block_chunks(N, Z, G, C, c, K, block_elems)
+        def carry(s, xs):
+            d, u = xs
+            return d[..., None] * s + u, s
 
-    def outputs(xs):
-        return _chunk_outputs(*xs, scale=scale, sub_chunk=c)
+        s_out, s_enter = jax.lax.scan(carry, s, (decay, incr))
+        o = _chunk_outputs(qc, kc, vc, hi, lo, s_enter, scale=scale, sub_chunk=c)  # [nb, Z, G, C, V]
+        o = o.reshape(nb, B, Hk, G, C, V).transpose(1, 0, 4, 2, 3, 5).reshape(B, L, Hk, G, V)
+        return s_out, o
 
-    xs = (qc, kc, vc, gc, s_enter)
-    if nb >= N:
-        o = jax.checkpoint(outputs)(xs)
+    s0 = jnp.concatenate([x.astype(f32) for x in states], axis=-2).reshape(Z, nK, V)
+    if nblk == 1:
+        s_final, o = jax.checkpoint(block)(s0, jnp.zeros((), jnp.int32))
     else:
-        # Blocks of nb chunks (the last one zero-padded: zero inputs give zero outputs), one block per map step.
-        nblk = math.ceil(N / nb)
-        xs = tuple(jnp.pad(x, [(0, nblk * nb - N)] + [(0, 0)] * (x.ndim - 1)) for x in xs)
-        xs = tuple(x.reshape(nblk, nb, *x.shape[1:]) for x in xs)
-        o = jax.lax.map(jax.checkpoint(outputs, prevent_cse=False), xs)
-        o = o.reshape(nblk * nb, *o.shape[2:])[:N]
-    o = o.reshape(N, B, Hk, G, C, V).transpose(1, 0, 4, 2, 3, 5).reshape(B, Tp, Hk, G, V)[:, :T]
-    return o, s_final.reshape(B, Hk, K, V)
+        s_final, o = jax.lax.scan(jax.checkpoint(block, prevent_cse=False), s0, jnp.arange(nblk))
+        o = o.transpose(1, 0, 2, 3, 4, 5).reshape(B, nblk * L, Hk, G, V)
+    s_final = s_final.reshape(B, Hk, nK, V)
+    return o[:, :T], tuple(s_final[:, :, i * K : (i + 1) * K] for i in range(n))
 
 
 def chunk_gla(
@@ -241,8 +270,8 @@ def chunk_gla(
     B, T, H, Hk, K, V = check_gla_shapes(q, k, v, (g,), (initial_state,))
     scale = resolve_scale(scale, K)
     s0 = jnp.zeros((B, Hk, K, V), jnp.float32) if initial_state is None else initial_state
-    o, s = chunk_gla_grouped(
-        group_queries(q, Hk), k, v, g, s0, scale=scale, chunk_size=chunk_size, sub_chunk=sub_chunk,
+    o, (s,) = chunk_gla_multi(
+        group_queries(q, Hk), k, v, (g,), (s0,), None, scale=scale, chunk_size=chunk_size, sub_chunk=sub_chunk,
         block_elems=block_elems,
     )
     return ungroup_queries(o).astype(q.dtype), s

@@ -1,0 +1,222 @@
+"""Benchmark of the DSLA ops: token loop vs chunked XLA, forward and forward+backward, against softmax attention.
+
+    python -m bench.ops                          # default shapes for the backend, table on stdout
+    python -m bench.ops --json out.json          # also write the rows as JSON (with backend and device name)
+    python -m bench.ops --shapes 1,8,64,2048     # B,H,D,T (several separated by ';')
+    python -m bench.ops --variants               # also time both chunked forms (xla_fused, xla_two) and auto
+    python -m bench.ops --tune                   # sweep chunk/sub-chunk/block sizes of the chunked path
+
+Each row: wall time (median of --repeats runs after one warm-up, block_until_ready), compile time, and the peak
+temporary memory of the compiled executable (`memory_analysis().temp_size_in_bytes`, no run needed). Softmax
+attention is `jax.nn.dot_product_attention(..., is_causal=True, implementation="xla")` at the same shapes. Inputs have
+Hk = H and K = V = D; gates are log-sigmoid/16 of normals. Runs whose naive backward would hold T states per head can
+be skipped above a length (--skip-naive-bwd-above T): their memory is still reported from the compile.
+
+Figures on the 2-core CPU this was developed on (B=1, H=8, D=64, float32, other jobs sharing the CPU, so +-30%):
+see the report of the commit that added this file; the choices they support are `utils.AUTO_IMPL` (naive values and
+chunked gradients on CPU) and `dsla.XLA_DEFAULT` (the fused 2K form).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from dsla_jax.ops.dsla import dsla_attention
+from dsla_jax.ops.dsla.chunk import chunk_dsla_fused, chunk_dsla_two
+
+CPU_SHAPES = [(1, 8, 64, 512), (1, 8, 64, 2048), (1, 8, 64, 8192)]
+GPU_SHAPES = [(1, 32, 128, 2048), (1, 32, 128, 8192)]
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
+    shapes = []
+    for part in text.split(";"):
+        vals = tuple(int(x) for x in part.split(","))
+        if len(vals) != 4:
+            raise ValueError(f"--shapes wants B,H,D,T groups separated by ';', got {part!r}")
+        shapes.append(vals)
+    return shapes
+
+
+def make_inputs(B: int, H: int, D: int, T: int, dtype) -> dict[str, jax.Array]:
+    ks = jax.random.split(jax.random.key(0), 7)
+    return dict(
+        q=jax.random.normal(ks[0], (B, T, H, D), dtype),
+        k=(jax.random.normal(ks[1], (B, T, H, D)) * D**-0.5).astype(dtype),
+        v=jax.random.normal(ks[2], (B, T, H, D), dtype),
+        g1=(jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H, D))) / 16).astype(dtype),
+        g2=(jax.nn.log_sigmoid(jax.random.normal(ks[4], (B, T, H, D)) + 3) / 16).astype(dtype),
+        mix=jnp.array([0.4, 0.6], jnp.float32),
+        ct=jax.random.normal(ks[5], (B, T, H, D), dtype),
+    )
+
+
+def dsla_fns(impl: str, **kw) -> tuple[Callable, Callable]:
+    """(forward, forward+backward) of DSLA with `impl`; kw goes to the chunked forms when impl is a callable name."""
+    direct = {"fused": chunk_dsla_fused, "two": chunk_dsla_two}
+
+    def fwd(q, k, v, g1, g2, mix):
+        if impl in direct:
+            return direct[impl](q, k, v, g1, g2, mix, **kw)[0]
+        return dsla_attention(q, k, v, g1, g2, mix, impl=impl, **kw)[0]
+
+    def loss(q, k, v, g1, g2, mix, ct):
+        return jnp.sum((fwd(q, k, v, g1, g2, mix) * ct).astype(jnp.float32))
+
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))
+    return fwd, grad
+
+
+def softmax_fns() -> tuple[Callable, Callable]:
+    def fwd(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
+    def loss(q, k, v, ct):
+        return jnp.sum((fwd(q, k, v) * ct).astype(jnp.float32))
+
+    return fwd, jax.grad(loss, argnums=(0, 1, 2))
+
+
+def measure(fn: Callable, args: tuple, repeats: int, run: bool = True) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    out: dict[str, Any] = {
+        "compile_s": round(compile_s, 3),
+        "temp_bytes": int(mem.temp_size_in_bytes) if mem is not None else None,
+        "time_ms": None,
+    }
+    if run:
+        jax.block_until_ready(compiled(*args))  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            times.append(time.perf_counter() - t0)
+        out["time_ms"] = round(1e3 * statistics.median(times), 3)
+        out["times_ms"] = [round(1e3 * t, 3) for t in times]
+    return out
+
+
+def bench_shape(shape, dtype, repeats: int, impls: list[str], skip_naive_bwd_above: int | None) -> list[dict]:
+    B, H, D, T = shape
+    x = make_inputs(B, H, D, T, dtype)
+    dsla_args = (x["q"], x["k"], x["v"], x["g1"], x["g2"], x["mix"])
+    rows = []
+    for impl in impls:
+        fwd, grad = dsla_fns(impl)
+        for mode, fn, args in (("fwd", fwd, dsla_args), ("fwd+bwd", grad, (*dsla_args, x["ct"]))):
+            skip = impl == "naive" and mode == "fwd+bwd" and skip_naive_bwd_above is not None
+            skip = skip and T > skip_naive_bwd_above
+            rows.append(dict(op="dsla", impl=impl, mode=mode, B=B, H=H, D=D, T=T, **measure(fn, args, repeats, not skip)))
+            print(fmt_row(rows[-1]), flush=True)
+    fwd, grad = softmax_fns()
+    qkv = (x["q"], x["k"], x["v"])
+    for mode, fn, args in (("fwd", fwd, qkv), ("fwd+bwd", grad, (*qkv, x["ct"]))):
+        rows.append(dict(op="softmax", impl="xla", mode=mode, B=B, H=H, D=D, T=T, **measure(fn, args, repeats)))
+        print(fmt_row(rows[-1]), flush=True)
+    return rows
+
+
+def tune(dtype, repeats: int) -> list[dict]:
+    """Sweep chunk size, sub-chunk size and block size of the fused chunked form (B=1, H=8, D=64, T=2048)."""
+    B, H, D, T = 1, 8, 64, 2048
+    x = make_inputs(B, H, D, T, dtype)
+    args = (x["q"], x["k"], x["v"], x["g1"], x["g2"], x["mix"])
+    rows = []
+    for chunk in (16, 32, 64, 128):
+        for sub in (4, 8, 16):
+            if sub > chunk:
+                continue
+            for block in (1 << 18, 1 << 20, 1 << 22):
+                fwd, grad = dsla_fns("fused", chunk_size=chunk, sub_chunk=sub, block_elems=block)
+                for mode, fn, a in (("fwd", fwd, args), ("fwd+bwd", grad, (*args, x["ct"]))):
+                    row = dict(op="dsla", impl=f"fused C{chunk} c{sub} blk2^{block.bit_length() - 1}", mode=mode)
+                    row.update(B=B, H=H, D=D, T=T, **measure(fn, a, repeats))
+                    rows.append(row)
+                    print(fmt_row(row), flush=True)
+    return rows
+
+
+HEADER = f"{'op':8s} {'impl':26s} {'mode':8s} {'B':>2s} {'H':>3s} {'D':>4s} {'T':>6s} {'time ms':>10s} {'temp MiB':>10s} {'compile s':>9s}"
+
+
+def fmt_row(r: dict) -> str:
+    t = "skipped" if r["time_ms"] is None else f"{r['time_ms']:.1f}"
+    m = "?" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.1f}"
+    return (
+        f"{r['op']:8s} {r['impl']:26s} {r['mode']:8s} {r['B']:2d} {r['H']:3d} {r['D']:4d} {r['T']:6d} "
+        f"{t:>10s} {m:>10s} {r['compile_s']:9.2f}"
+    )
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """Ratios the issue asks about: chunked vs naive temp memory (fwd+bwd) and speed (fwd)."""
+    lines = []
+    by = {(r["op"], r["impl"], r["mode"], r["B"], r["H"], r["D"], r["T"]): r for r in rows}
+    for (op, impl, mode, B, H, D, T), r in by.items():
+        if op != "dsla" or impl != "xla":
+            continue
+        n = by.get((op, "naive", mode, B, H, D, T))
+        if n is None:
+            continue
+        shape = f"B={B} H={H} D={D} T={T}"
+        if mode == "fwd+bwd" and r["temp_bytes"] and n["temp_bytes"]:
+            lines.append(f"{shape} fwd+bwd temp memory naive/xla = {n['temp_bytes'] / r['temp_bytes']:.1f}x")
+        if r["time_ms"] and n["time_ms"]:
+            lines.append(f"{shape} {mode} speed-up xla over naive = {n['time_ms'] / r['time_ms']:.2f}x")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", type=parse_shapes, default=None, help="B,H,D,T[;B,H,D,T...]")
+    p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: f32 on CPU, bf16 else")
+    p.add_argument("--skip-naive-bwd-above", type=int, default=None, metavar="T",
+                   help="do not run the token loop's forward+backward above this T (memory is still reported)")
+    p.add_argument("--variants", action="store_true", help="also time xla_fused, xla_two and auto")
+    p.add_argument("--tune", action="store_true", help="sweep the chunked path's sizes instead")
+    args = p.parse_args(argv)
+
+    backend = jax.default_backend()
+    dev = jax.devices()[0]
+    dtype = jnp.dtype(args.dtype or ("float32" if backend == "cpu" else "bfloat16"))
+    shapes = args.shapes or (CPU_SHAPES if backend == "cpu" else GPU_SHAPES)
+    impls = ["naive", "xla"] + (["xla_fused", "xla_two", "auto"] if args.variants else [])
+    info = dict(
+        backend=backend,
+        device=str(dev),
+        device_kind=getattr(dev, "device_kind", "?"),
+        jax=jax.__version__,
+        machine=platform.machine(),
+        dtype=dtype.name,
+    )
+    print(" ".join(f"{k}={v}" for k, v in info.items()))
+    print(HEADER)
+    rows: list[dict] = []
+    if args.tune:
+        rows += tune(dtype, args.repeats)
+    else:
+        for shape in shapes:
+            rows += bench_shape(shape, dtype, args.repeats, impls, args.skip_naive_bwd_above)
+    lines = summary(rows)
+    for line in lines:
+        print(line)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(**info, rows=rows, summary=lines), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
