@@ -32,12 +32,11 @@ def _decode_kernel(w_ref, q_ref, k_ref, v_ref, g1_ref, g2_ref, s1_ref, s2_ref, o
     if G == 1:
         o = jnp.sum(jnp.transpose(q) * s, axis=0, keepdims=True)  # [1, BV]
     else:
-        rows = lax.broadcasted_iota(jnp.int32, (G, s.shape[1]), 0)
         o = jnp.zeros((G, s.shape[1]), f32)
-        for g in range(G):  # G is small; rows of q by masked sums (no value slicing in Triton)
-            qg = jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, q.shape, 0) == g, q, 0.0), axis=0)
+        for g in range(G):  # G is small; rows of q by masked sums (no value slicing in Triton), float masks
+            qg = jnp.sum(q * (lax.broadcasted_iota(jnp.int32, q.shape, 0) == g).astype(f32), axis=0)
             og = jnp.sum(qg[:, None] * s, axis=0)
-            o = jnp.where(rows == g, og[None, :], o)
+            o = o + og[None, :] * (lax.broadcasted_iota(jnp.int32, o.shape, 0) == g).astype(f32)
     o_ref[...] = (scale * o).astype(o_ref.dtype)
 
 

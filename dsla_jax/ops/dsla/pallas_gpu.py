@@ -114,14 +114,25 @@ def _iota(shape: tuple[int, int], dim: int) -> jax.Array:
     return lax.broadcasted_iota(jnp.int32, shape, dim)
 
 
+def _onehot(shape: tuple[int, int], dim: int, j) -> jax.Array:
+    """1.0 where the index along `dim` is j, else 0.0 (float masks: no selects with scalar operands, which the
+    Triton lowering of jax 0.11 types wrongly)."""
+    return (_iota(shape, dim) == j).astype(f32)
+
+
+def _put(x: jax.Array, onehot: jax.Array, value: jax.Array) -> jax.Array:
+    """x with `value` (broadcast) where `onehot` is 1: an exact blend of finite values."""
+    return x * (1.0 - onehot) + value * onehot
+
+
 def _row(x: jax.Array, j) -> jax.Array:
     """Row j of a [BT, D] tile as [D] (a masked sum: register tiles cannot be sliced in Triton)."""
-    return jnp.sum(jnp.where(_iota(x.shape, 0) == j, x, 0.0), axis=0)
+    return jnp.sum(x * _onehot(x.shape, 0, j), axis=0)
 
 
 def _col(x: jax.Array, j) -> jax.Array:
     """Column j of a [BT, BT] tile as [BT]."""
-    return jnp.sum(jnp.where(_iota(x.shape, 1) == j, x, 0.0), axis=1)
+    return jnp.sum(x * _onehot(x.shape, 1, j), axis=1)
 
 
 def _cumsum_rows(g: jax.Array, tril: bool) -> jax.Array:
@@ -152,7 +163,8 @@ def _decay_from(b: jax.Array, j) -> jax.Array:
 
 
 def _causal(BT: int) -> jax.Array:
-    return _iota((BT, BT), 0) >= _iota((BT, BT), 1)
+    """[BT, BT] float mask of j <= i."""
+    return (_iota((BT, BT), 0) >= _iota((BT, BT), 1)).astype(f32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,17 +188,15 @@ def _fwd_terms(q, k, g, nm: Numerics):
         return qf * em[None, :], kf * em[None, :], _mm(qf, kf, nm.intra_dot, tb=True)
 
     def exact():
-        cols = _iota((BT, BT), 1)
-
         def col(j, a):
             c = jnp.sum(q * _row(k, j)[None, :] * _decay_from(b, j), axis=1)
-            return jnp.where(cols == j, c[:, None], a)
+            return _put(a, _onehot((BT, BT), 1, j), c[:, None])
 
         a = lax.fori_loop(0, BT, col, jnp.zeros((BT, BT), f32))
         return q * jnp.exp(b), k * jnp.exp(jnp.minimum(bL[None, :] - b, 0.0)), a
 
     qd, kd, a = lax.cond(R <= nm.thresh, fast, exact)
-    return qd, kd, jnp.where(_causal(BT), a, 0.0), bL
+    return qd, kd, a * _causal(BT), bL
 
 
 def fwd_chunk(q, k, v, g1, g2, w1, w2, s1, s2, *, scale: float, nm: Numerics):
@@ -228,7 +238,7 @@ def dq_chunk(q, k, v, do, g, st, *, scale: float, nm: Numerics):
     """
     BT = q.shape[0]
     b, bL, R = _gate_sums(g, nm.tril)
-    da = jnp.where(_causal(BT), _mm(do, v, nm.intra_dot, tb=True), 0.0)  # [BT(i), BT(j)] = do_i . v_j
+    da = _mm(do, v, nm.intra_dot, tb=True) * _causal(BT)  # [BT(i), BT(j)] = do_i . v_j
 
     def fast():
         ef, ei, em = _fast_factors(b, bL)
@@ -260,7 +270,7 @@ def dkv_chunk(q, k, v, do, g, ds, *, nm: Numerics):
     BT = q.shape[0]
     causal = _causal(BT)
     b, bL, R = _gate_sums(g, nm.tril)
-    da = jnp.where(causal, _mm(do, v, nm.intra_dot, tb=True), 0.0)  # [BT(i), BT(j)]
+    da = _mm(do, v, nm.intra_dot, tb=True) * causal  # [BT(i), BT(j)]
 
     def fast():
         ef, ei, em = _fast_factors(b, bL)
@@ -270,21 +280,18 @@ def dkv_chunk(q, k, v, do, g, ds, *, nm: Numerics):
         return qf * em[None, :], ei * em[None, :], a, dk_intra
 
     def exact():
-        rows = _iota((BT, 1), 0)
-        cols = _iota((BT, BT), 1)
-
         def col(j, carry):
             a, dki = carry
             e = _decay_from(b, j)  # [BT(i), K]
             c = jnp.sum(q * _row(k, j)[None, :] * e, axis=1)
             r = jnp.sum(_col(da, j)[:, None] * q * e, axis=0)  # [K]
-            return jnp.where(cols == j, c[:, None], a), jnp.where(rows == j, r[None, :], dki)
+            return _put(a, _onehot((BT, BT), 1, j), c[:, None]), _put(dki, _onehot(q.shape, 0, j), r[None, :])
 
         a, dki = lax.fori_loop(0, BT, col, (jnp.zeros((BT, BT), f32), jnp.zeros_like(q)))
         return q * jnp.exp(b), jnp.exp(jnp.minimum(bL[None, :] - b, 0.0)), a, dki
 
     qd, ek, a, dk_intra = lax.cond(R <= nm.thresh, fast, exact)
-    a = jnp.where(causal, a, 0.0)
+    a = a * causal
     dv = _mm(k * ek, ds, nm.state_dot) + _mm(a, do, nm.intra_dot, ta=True)
     dk = _mm(v, ds, nm.state_dot, tb=True) * ek + dk_intra
     return dk, dv, jnp.exp(bL)[:, None] * ds + _mm(qd, do, nm.state_dot, ta=True)
@@ -297,7 +304,7 @@ def dkv_chunk(q, k, v, do, g, ds, *, nm: Numerics):
 
 def _fwd_kernel(w_ref, q_ref, k_ref, v_ref, g1_ref, g2_ref, sin_ref, o_ref, sout_ref, *, H, BT, BV, NC, P, scale, nm):
     bh, p, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    b, h = bh // H, bh % H
+    b, h = lax.div(bh, H), lax.rem(bh, H)  # non-negative: no floor-division selects
     vs = pl.ds(iv * BV, BV)
     w1, w2 = w_ref[0], w_ref[1]
 
@@ -357,7 +364,7 @@ def fwd_gpu(q, k, v, g1, g2, w, s_in, *, scale: float, cfg: GpuConfig, P: int, i
 
 def _seg_kernel(x_ref, y_ref, g1_ref, g2_ref, s_ref, d_ref, *, H, BT, BV, NC, first, reverse, nm):
     bh, i, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    b, h = bh // H, bh % H
+    b, h = lax.div(bh, H), lax.rem(bh, H)  # non-negative: no floor-division selects
     p = first + i
     vs = pl.ds(iv * BV, BV)
     K = x_ref.shape[-1]
@@ -423,7 +430,7 @@ def seg_states_gpu(
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, sin_ref, dq_ref, *, H, BT, NC, scale, nm):
     bh, s, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    b, h = bh // H, bh % H
+    b, h = lax.div(bh, H), lax.rem(bh, H)  # non-negative: no floor-division selects
 
     def body(n, st):
         ts = pl.ds((p * NC + n) * BT, BT)
@@ -466,8 +473,9 @@ def bwd_dq_gpu(q, k, v, do, g, s_in, *, scale: float, cfg: GpuConfig, P: int, in
 
 def _dkv_kernel(w_ref, q_ref, k_ref, v_ref, do_ref, g_ref, dsend_ref, dk_ref, dv_ref, dh0_ref, *, H, BT, NC, scale, nm):
     bh, s, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    b, h = bh // H, bh % H
-    ws = jnp.where(s == 0, w_ref[0], w_ref[1]) * scale
+    b, h = lax.div(bh, H), lax.rem(bh, H)  # non-negative: no floor-division selects
+    sf = s.astype(f32)
+    ws = (w_ref[0] * (1.0 - sf) + w_ref[1] * sf) * scale
 
     def body(n, ds):
         ts = pl.ds((p * NC + NC - 1 - n) * BT, BT)

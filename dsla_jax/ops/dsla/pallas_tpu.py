@@ -146,7 +146,8 @@ def _dkv_kernel(w_ref, q_ref, k_ref, v_ref, do_ref, g_ref, dsT_ref, dk_ref, dv_r
     def _():
         ds_scr[...] = dsT_ref[...]
 
-    ws = jnp.where(s == 0, w_ref[0], w_ref[1]) * scale
+    sf = s.astype(f32)
+    ws = (w_ref[0] * (1.0 - sf) + w_ref[1] * sf) * scale
     dk, dv, ds = dkv_chunk(
         q_ref[...].astype(f32),
         k_ref[...].astype(f32),
