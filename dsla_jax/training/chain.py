@@ -63,10 +63,10 @@ def stage_counts(stages: tuple[float, ...], num_layers: int) -> tuple[int, ...]:
             n = max(1, math.floor(s * num_layers + 0.5))
         else:
             if s != int(s):
-                raise DistillConfigError(f"chain.stages: {s} is neither a fraction (< 1) nor a whole layer count")
+                raise DistillConfigError(f"chain.stages: {s:g} is neither a fraction (< 1) nor a whole layer count")
             n = int(s)
         if n > num_layers:
-            raise DistillConfigError(f"chain.stages: {s} asks for {n} layers, but the model has {num_layers}")
+            raise DistillConfigError(f"chain.stages: {s:g} asks for {n} layers, but the model has {num_layers}")
         counts.append(n)
     return tuple(sorted(set(counts)))
 

@@ -180,16 +180,35 @@ def run_distillation(
     """Run (or, with `resume`, continue) the distillation `cfg` describes; returns the summary (also in
     `<out_dir>/summary.json`), or {"complete": False, ...} when `train.time_limit_s` stopped it early (after a
     checkpoint). `after_step(global_step)` is called after every step and its checkpoint (tests use it to interrupt
-    a run)."""
+    a run). However the run ends, a checkpoint being written completes first."""
     started = time.perf_counter()
     out = Path(cfg.out_dir)
     if cfg.compile_cache:
         jax.config.update("jax_compilation_cache_dir", str(Path(cfg.compile_cache).absolute()))
     maybe_initialize_distributed(cfg.mesh.distributed)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.model)
-    micro = cfg.train.batch_size // cfg.train.grad_accum
-    check_batch(micro, mesh)
+    check_batch(cfg.train.batch_size // cfg.train.grad_accum, mesh)
     ckpts = RunCheckpoints(out / "checkpoints", keep=cfg.checkpoint.keep)
+    log = MetricsLog(out / "metrics.jsonl", tensorboard=cfg.log.tensorboard, enabled=jax.process_index() == 0)
+    try:
+        return _run(cfg, mesh, ckpts, log, resume=resume, after_step=after_step, started=started)
+    finally:
+        ckpts.wait()
+        ckpts.close()
+        log.close()
+
+
+def _run(
+    cfg: DistillConfig,
+    mesh,
+    ckpts: RunCheckpoints,
+    log: MetricsLog,
+    *,
+    resume: bool,
+    after_step: Callable[[int], None] | None,
+    started: float,
+) -> dict[str, Any]:
+    out = Path(cfg.out_dir)
     latest = ckpts.latest_step()
     if latest is not None and not resume:
         raise RunError(
@@ -266,7 +285,6 @@ def run_distillation(
         say(f"resumed from step {latest}: chain step {pos.chain_index + 1}/{plan.length}, step {pos.step_in_layer}")
 
     is_main = jax.process_index() == 0
-    log = MetricsLog(out / "metrics.jsonl", tensorboard=cfg.log.tensorboard, enabled=is_main)
     sets = eval_sets(cfg, tokenizer, heldout_rows)
     if meta is None and sets:
         say("evaluating the teacher" + (" and the freshly converted hybrid" if cfg.eval.before else ""))
@@ -376,7 +394,6 @@ def run_distillation(
                 log.write("nan", **record)
                 if cfg.train.on_nan == "stop":
                     ckpts.wait()
-                    log.close()
                     last = ckpts.latest_step()
                     raise NonFiniteLoss(
                         f"loss is {m['loss']} (grad norm {m['grad_norm']}) at step {pos.global_step} (layer {layer}, "
@@ -403,9 +420,6 @@ def run_distillation(
                 after_step(pos.global_step)
             if out_of_time and not (layer_done and k + 1 == plan.length):
                 bar.close()
-                ckpts.wait()
-                ckpts.close()
-                log.close()
                 say(f"time limit of {limit:.0f} s reached after step {pos.global_step}; continue with --resume")
                 return {"complete": False, "out_dir": str(out), "steps": pos.global_step, "tokens": pos.tokens}
         bar.close()
@@ -417,8 +431,6 @@ def run_distillation(
         from dsla_jax.export import export_hf
 
         export_hf(hybrid, tokenizer, final / "hf", overwrite=True)
-    ckpts.wait()
-    ckpts.close()
     summary = {
         "complete": True,
         "out_dir": str(out),
@@ -436,7 +448,6 @@ def run_distillation(
     if is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.write("summary", **{k: v for k, v in summary.items() if k != "table"})
-    log.close()
     say(
         f"\n{len(plan.chain_layers)} of {num_layers} layers converted, {pos.tokens:,} training tokens, "
         f"{pos.global_step} steps, {summary['wall_s']:.0f} s; output in {final}"
