@@ -86,3 +86,9 @@ def test_config_round_trips_through_a_dict():
     cfg = load_config(CONFIGS / "smollm2_gpu.yaml")
     assert config_from_dict(cfg.to_dict()) == cfg
     assert dataclasses.replace(cfg, out_dir="x").out_dir == "x"
+
+
+def test_docs_describe_every_key():
+    doc = (CONFIGS.parent / "docs" / "distill.md").read_text()
+    missing = sorted(k for k in _keys(DistillConfig().to_dict()) if f"`{k}`" not in doc)
+    assert not missing, f"docs/distill.md does not describe {missing}"
