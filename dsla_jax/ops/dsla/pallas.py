@@ -76,6 +76,7 @@ def _gpu_fwd(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret):
     BH = h0.shape[0]
     if P > 1:
         s_loc, dec = kg.seg_states_gpu(k, v, g1, g2, P=P, first=0, count=P - 1, cfg=cfg, interpret=interpret)
+        dec = dec[:, :, 0]
         s_in = [h0]
         for p in range(P - 1):
             s_in.append(jnp.exp(dec[:, p])[..., None] * s_in[-1] + s_loc[:, p])
@@ -83,7 +84,7 @@ def _gpu_fwd(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret):
     else:
         s_in = h0.reshape(BH, 1, *h0.shape[1:])
     o, s_T = kg.fwd_gpu(q, k, v, g1, g2, w, s_in, scale=scale, cfg=cfg, P=P, interpret=interpret)
-    return o, s_T, s_in
+    return o, s_T[:, P - 1], s_in
 
 
 def _gpu_bwd(res, do, ds_T, *, scale, cfg, P, interpret):
@@ -96,6 +97,7 @@ def _gpu_bwd(res, do, ds_T, *, scale, cfg, P, interpret):
         lsum, dec = kg.seg_states_gpu(
             q, do, g1, g2, P=P, first=1, count=P - 1, cfg=cfg, reverse=True, interpret=interpret
         )
+        dec = dec[:, :, 0]
         ds_end = [ds_T]
         for p in range(P - 2, -1, -1):  # segment p ends where segment p + 1 starts
             ds_end.append(jnp.exp(dec[:, p])[..., None] * ds_end[-1] + ws[None, :, None, None] * lsum[:, p])
@@ -104,8 +106,8 @@ def _gpu_bwd(res, do, ds_T, *, scale, cfg, P, interpret):
         ds_end = ds_T[:, None]
     g = jnp.stack([g1, g2])
     dq_s = kg.bwd_dq_gpu(q, k, v, do, g, s_in, scale=scale, cfg=cfg, P=P, interpret=interpret)
-    dk_s, dv_s, dh0 = kg.bwd_dkv_gpu(w, q, k, v, do, g, ds_end, scale=scale, cfg=cfg, P=P, interpret=interpret)
-    return dq_s, dk_s, dv_s, dh0
+    dk_s, dv_s, ds_start = kg.bwd_dkv_gpu(w, q, k, v, do, g, ds_end, scale=scale, cfg=cfg, P=P, interpret=interpret)
+    return dq_s, dk_s, dv_s, ds_start[:, 0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -288,7 +290,7 @@ def dsla_decode_step_pallas(
         state: pair (S1, S2) of [B, Hk, K, V] float32 states before the token.
         scale: output scale, default K ** -0.5.
         backend, interpret: as `dsla_attention_pallas`.
-        block_v: value tile of a program (default: 32 on GPU, V on TPU).
+        block_v: value tile of a program (default: 64 on GPU, V on TPU).
 
     Returns:
         o [B, H, V] in q's dtype and the new states (S1, S2), each [B, Hk, K, V] float32.

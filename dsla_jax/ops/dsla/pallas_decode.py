@@ -41,14 +41,14 @@ def _decode_kernel(w_ref, q_ref, k_ref, v_ref, g1_ref, g2_ref, s1_ref, s2_ref, o
 
 
 def decode_step(
-    q, k, v, g1, g2, w, s1, s2, *, scale: float, backend: str, interpret=False, block_v=None, num_warps: int = 4
+    q, k, v, g1, g2, w, s1, s2, *, scale: float, backend: str, interpret=False, block_v=None, num_warps: int = 8
 ):
     """One decode step of both states (no shape checks: `pallas.dsla_decode_step_pallas` validates).
 
     Args:
         q: [B, H, K]; k, g1, g2: [B, Hk, K]; v: [B, Hk, V]; w: [2] float32; s1, s2: [B, Hk, K, V] float32.
         backend: "gpu" or "tpu" (block shapes and compiler parameters); interpret: run in the Pallas interpreter.
-        block_v: BV, value columns per program (default 32 on GPU, V on TPU).
+        block_v: BV, value columns per program (default 64 on GPU, V on TPU).
 
     Returns:
         o [B, H, V] in q's dtype and the new (S1, S2).
@@ -57,7 +57,7 @@ def decode_step(
     Hk, V = v.shape[1], v.shape[2]
     G = H // Hk
     if block_v is None:
-        block_v = min(32, V) if backend == "gpu" else V
+        block_v = min(64, V) if backend == "gpu" else V  # H100, B64 H32 D128: 64 x 8 warps was fastest
     BV = block_v
     if V % BV:
         raise ValueError(f"block_v={BV} must divide V={V}")

@@ -151,10 +151,21 @@ def _gate_sums(g: jax.Array, tril: bool = False) -> tuple[jax.Array, jax.Array, 
     return b, bL, -jnp.min(bL)
 
 
-def _fast_factors(b: jax.Array, bL: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(exp(b - m), exp(m - b), exp(m)) with m = bL / 2: factors within exp(+-R/2) of the fast path."""
+def _fast_factors(b: jax.Array, bL: jax.Array, lim: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(exp(d), exp(-d), exp(m)), d = b - m clamped to [-lim, lim], m = bL / 2.
+
+    Within a chunk of decay range R <= 2 lim the clamp is inactive and exp(d) exp(-d') = exp(b_i - b_j) exactly; in
+    other chunks the clamp keeps the (discarded) fast-path values finite.
+    """
     m = 0.5 * bL
-    return jnp.exp(b - m[None, :]), jnp.exp(m[None, :] - b), jnp.exp(m)
+    d = jnp.minimum(jnp.maximum(b - m[None, :], -lim), lim)
+    return jnp.exp(d), jnp.exp(-d), jnp.exp(m)
+
+
+def _exact_trips(R: jax.Array, thresh: float, n: int) -> jax.Array:
+    """n if the chunk's decay range exceeds `thresh` (the exact path runs), else 0: the trip count of the exact
+    path's loops. Data-dependent loops instead of `lax.cond`: Triton rejects tensor-valued `scf.if` results."""
+    return (R > thresh).astype(jnp.int32) * n
 
 
 def _decay_from(b: jax.Array, j) -> jax.Array:
@@ -177,26 +188,31 @@ class Numerics:
     tril: bool = False  # cumsum by matmul (TPU) instead of a scan (Triton)
 
 
+def _decays(b, bL, ef, ei, em, trips):
+    """(exp(b), exp(bL - b)) [BT, K]: from the fast factors, recomputed directly when trips == 1 (exact path)."""
+
+    def exact(_, carry):
+        return jnp.exp(b), jnp.exp(jnp.minimum(bL[None, :] - b, 0.0))
+
+    return lax.fori_loop(0, trips, exact, (ef * em[None, :], ei * em[None, :]))
+
+
 def _fwd_terms(q, k, g, nm: Numerics):
     """Per chunk and state: (q * exp(b), k * exp(bL - b), A masked to j <= i, bL)."""
     BT = q.shape[0]
     b, bL, R = _gate_sums(g, nm.tril)
+    ef, ei, em = _fast_factors(b, bL, 0.5 * nm.thresh)
+    qf, kf = q * ef, k * ei
+    a = _mm(qf, kf, nm.intra_dot, tb=True)  # fast path: exact for R <= thresh
+    trips = _exact_trips(R, nm.thresh, 1)
+    eq, ek = _decays(b, bL, ef, ei, em, trips)
 
-    def fast():
-        ef, ei, em = _fast_factors(b, bL)
-        qf, kf = q * ef, k * ei
-        return qf * em[None, :], kf * em[None, :], _mm(qf, kf, nm.intra_dot, tb=True)
+    def col(j, a):  # exact path: column j of A, every exponent <= 0
+        c = jnp.sum(q * _row(k, j)[None, :] * _decay_from(b, j), axis=1)
+        return _put(a, _onehot((BT, BT), 1, j), c[:, None])
 
-    def exact():
-        def col(j, a):
-            c = jnp.sum(q * _row(k, j)[None, :] * _decay_from(b, j), axis=1)
-            return _put(a, _onehot((BT, BT), 1, j), c[:, None])
-
-        a = lax.fori_loop(0, BT, col, jnp.zeros((BT, BT), f32))
-        return q * jnp.exp(b), k * jnp.exp(jnp.minimum(bL[None, :] - b, 0.0)), a
-
-    qd, kd, a = lax.cond(R <= nm.thresh, fast, exact)
-    return qd, kd, a * _causal(BT), bL
+    a = lax.fori_loop(0, trips * BT, col, a)
+    return q * eq, k * ek, a * _causal(BT), bL
 
 
 def fwd_chunk(q, k, v, g1, g2, w1, w2, s1, s2, *, scale: float, nm: Numerics):
@@ -239,22 +255,19 @@ def dq_chunk(q, k, v, do, g, st, *, scale: float, nm: Numerics):
     BT = q.shape[0]
     b, bL, R = _gate_sums(g, nm.tril)
     da = _mm(do, v, nm.intra_dot, tb=True) * _causal(BT)  # [BT(i), BT(j)] = do_i . v_j
+    ef, ei, em = _fast_factors(b, bL, 0.5 * nm.thresh)
+    kf = k * ei
+    intra = ef * _mm(da, kf, nm.intra_dot)  # sum_j dA_ij k_j exp(b_i - b_j), fast path
+    trips = _exact_trips(R, nm.thresh, 1)
+    eq, ek = _decays(b, bL, ef, ei, em, trips)
+    intra = intra * (1 - trips).astype(f32)  # the exact path accumulates from zero
 
-    def fast():
-        ef, ei, em = _fast_factors(b, bL)
-        kf = k * ei
-        return ef * em[None, :], kf * em[None, :], ef * _mm(da, kf, nm.intra_dot)
+    def col(j, acc):
+        return acc + _col(da, j)[:, None] * _row(k, j)[None, :] * _decay_from(b, j)
 
-    def exact():
-        def col(j, acc):
-            return acc + _col(da, j)[:, None] * _row(k, j)[None, :] * _decay_from(b, j)
-
-        intra = lax.fori_loop(0, BT, col, jnp.zeros_like(q))
-        return jnp.exp(b), k * jnp.exp(jnp.minimum(bL[None, :] - b, 0.0)), intra
-
-    eq, kd, intra = lax.cond(R <= nm.thresh, fast, exact)
+    intra = lax.fori_loop(0, trips * BT, col, intra)
     dq = scale * (_mm(do, st, nm.state_dot, tb=True) * eq + intra)
-    return dq, jnp.exp(bL)[:, None] * st + _mm(kd, v, nm.state_dot, ta=True)
+    return dq, jnp.exp(bL)[:, None] * st + _mm(k * ek, v, nm.state_dot, ta=True)
 
 
 def dkv_chunk(q, k, v, do, g, ds, *, nm: Numerics):
@@ -271,30 +284,25 @@ def dkv_chunk(q, k, v, do, g, ds, *, nm: Numerics):
     causal = _causal(BT)
     b, bL, R = _gate_sums(g, nm.tril)
     da = _mm(do, v, nm.intra_dot, tb=True) * causal  # [BT(i), BT(j)]
+    ef, ei, em = _fast_factors(b, bL, 0.5 * nm.thresh)
+    qf, kf = q * ef, k * ei
+    a = _mm(qf, kf, nm.intra_dot, tb=True)
+    dk_intra = ei * _mm(da, qf, nm.intra_dot, ta=True)  # sum_i dA_ij q_i exp(b_i - b_j), fast path
+    trips = _exact_trips(R, nm.thresh, 1)
+    eq, ek = _decays(b, bL, ef, ei, em, trips)
 
-    def fast():
-        ef, ei, em = _fast_factors(b, bL)
-        qf, kf = q * ef, k * ei
-        a = _mm(qf, kf, nm.intra_dot, tb=True)
-        dk_intra = ei * _mm(da, qf, nm.intra_dot, ta=True)  # sum_i dA_ij q_i exp(b_i - b_j)
-        return qf * em[None, :], ei * em[None, :], a, dk_intra
+    def col(j, carry):  # exact path: column j of A and row j of the intra dk, every exponent <= 0
+        a, dki = carry
+        e = _decay_from(b, j)  # [BT(i), K]
+        c = jnp.sum(q * _row(k, j)[None, :] * e, axis=1)
+        r = jnp.sum(_col(da, j)[:, None] * q * e, axis=0)  # [K]
+        return _put(a, _onehot((BT, BT), 1, j), c[:, None]), _put(dki, _onehot(q.shape, 0, j), r[None, :])
 
-    def exact():
-        def col(j, carry):
-            a, dki = carry
-            e = _decay_from(b, j)  # [BT(i), K]
-            c = jnp.sum(q * _row(k, j)[None, :] * e, axis=1)
-            r = jnp.sum(_col(da, j)[:, None] * q * e, axis=0)  # [K]
-            return _put(a, _onehot((BT, BT), 1, j), c[:, None]), _put(dki, _onehot(q.shape, 0, j), r[None, :])
-
-        a, dki = lax.fori_loop(0, BT, col, (jnp.zeros((BT, BT), f32), jnp.zeros_like(q)))
-        return q * jnp.exp(b), jnp.exp(jnp.minimum(bL[None, :] - b, 0.0)), a, dki
-
-    qd, ek, a, dk_intra = lax.cond(R <= nm.thresh, fast, exact)
+    a, dk_intra = lax.fori_loop(0, trips * BT, col, (a, dk_intra))
     a = a * causal
     dv = _mm(k * ek, ds, nm.state_dot) + _mm(a, do, nm.intra_dot, ta=True)
     dk = _mm(v, ds, nm.state_dot, tb=True) * ek + dk_intra
-    return dk, dv, jnp.exp(bL)[:, None] * ds + _mm(qd, do, nm.state_dot, ta=True)
+    return dk, dv, jnp.exp(bL)[:, None] * ds + _mm(q * eq, do, nm.state_dot, ta=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -326,11 +334,9 @@ def _fwd_kernel(w_ref, q_ref, k_ref, v_ref, g1_ref, g2_ref, sin_ref, o_ref, sout
         return s1, s2
 
     s1, s2 = lax.fori_loop(0, NC, body, (sin_ref[bh, p, 0, :, vs], sin_ref[bh, p, 1, :, vs]))
-
-    @pl.when(p == P - 1)
-    def _():
-        sout_ref[bh, 0, :, vs] = s1
-        sout_ref[bh, 1, :, vs] = s2
+    # Every segment writes its final state (no `pl.when`: kept free of scf.if); the caller keeps the last.
+    sout_ref[bh, p, 0, :, vs] = s1
+    sout_ref[bh, p, 1, :, vs] = s2
 
 
 def _numerics(cfg: GpuConfig) -> Numerics:
@@ -345,7 +351,8 @@ def fwd_gpu(q, k, v, g1, g2, w, s_in, *, scale: float, cfg: GpuConfig, P: int, i
         s_in: [B * H, P, 2, K, V] float32 states entering each segment.
 
     Returns:
-        o [B, T, H, V] in q's dtype, final states [B * H, 2, K, V] float32.
+        o [B, T, H, V] in q's dtype, each segment's final states [B * H, P, 2, K, V] float32 (the last is the
+        sequence's).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -354,7 +361,7 @@ def fwd_gpu(q, k, v, g1, g2, w, s_in, *, scale: float, cfg: GpuConfig, P: int, i
     kernel = functools.partial(_fwd_kernel, H=H, BT=BT, BV=BV, NC=NC, P=P, scale=scale, nm=_numerics(cfg))
     return pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct((B, T, H, V), q.dtype), jax.ShapeDtypeStruct((B * H, 2, K, V), f32)),
+        out_shape=(jax.ShapeDtypeStruct((B, T, H, V), q.dtype), jax.ShapeDtypeStruct((B * H, P, 2, K, V), f32)),
         grid=(B * H, P, V // BV),
         compiler_params=_compiler_params(cfg.num_warps, cfg.num_stages, interpret),
         interpret=interpret,
@@ -382,11 +389,8 @@ def _seg_kernel(x_ref, y_ref, g1_ref, g2_ref, s_ref, d_ref, *, H, BT, BV, NC, fi
     s1, s2, d1, d2 = lax.fori_loop(0, NC, body, (z, z, zk, zk))
     s_ref[bh, i, 0, :, vs] = s1
     s_ref[bh, i, 1, :, vs] = s2
-
-    @pl.when(iv == 0)
-    def _():
-        d_ref[bh, i, 0, :] = d1
-        d_ref[bh, i, 1, :] = d2
+    d_ref[bh, i, iv, 0, :] = d1  # the same for every value tile; the caller keeps tile 0
+    d_ref[bh, i, iv, 1, :] = d2
 
 
 def seg_states_gpu(
@@ -414,7 +418,7 @@ def seg_states_gpu(
         kernel,
         out_shape=(
             jax.ShapeDtypeStruct((B * H, count, 2, K, V), f32),
-            jax.ShapeDtypeStruct((B * H, count, 2, K), f32),
+            jax.ShapeDtypeStruct((B * H, count, V // BV, 2, K), f32),
         ),
         grid=(B * H, count, V // BV),
         compiler_params=_compiler_params(cfg.num_warps, cfg.num_stages, interpret),
@@ -493,10 +497,7 @@ def _dkv_kernel(w_ref, q_ref, k_ref, v_ref, do_ref, g_ref, dsend_ref, dk_ref, dv
         return ds
 
     ds = lax.fori_loop(0, NC, body, dsend_ref[bh, p, s])
-
-    @pl.when(p == 0)
-    def _():
-        dh0_ref[bh, s] = ds
+    dh0_ref[bh, p, s] = ds  # the adjoint at each segment's start; segment 0's is the initial-state gradient
 
 
 def bwd_dkv_gpu(w, q, k, v, do, g, ds_end, *, scale: float, cfg: GpuConfig, P: int, interpret=False):
@@ -507,7 +508,8 @@ def bwd_dkv_gpu(w, q, k, v, do, g, ds_end, *, scale: float, cfg: GpuConfig, P: i
         ds_end: [B * H, P, 2, K, V] float32 adjoint states at the end of each segment.
 
     Returns:
-        dk [2, B, T, H, K], dv [2, B, T, H, V] (float32, per state) and dh0 [B * H, 2, K, V].
+        dk [2, B, T, H, K], dv [2, B, T, H, V] (float32, per state) and the adjoints at the segment starts
+        [B * H, P, 2, K, V] (segment 0's is the initial-state gradient).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -519,7 +521,7 @@ def bwd_dkv_gpu(w, q, k, v, do, g, ds_end, *, scale: float, cfg: GpuConfig, P: i
         out_shape=(
             jax.ShapeDtypeStruct((2, B, T, H, K), f32),
             jax.ShapeDtypeStruct((2, B, T, H, V), f32),
-            jax.ShapeDtypeStruct((B * H, 2, K, V), f32),
+            jax.ShapeDtypeStruct((B * H, P, 2, K, V), f32),
         ),
         grid=(B * H, 2, P),
         compiler_params=_compiler_params(cfg.bwd_num_warps, cfg.bwd_num_stages, interpret),
