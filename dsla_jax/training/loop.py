@@ -282,7 +282,12 @@ def _run(
             **{k: meta[k] for k in ("chain_index", "step_in_layer", "global_step", "tokens", "skipped")},
             evals=list(meta["evals"]),
         )
-        say(f"resumed from step {latest}: chain step {pos.chain_index + 1}/{plan.length}, step {pos.step_in_layer}")
+        where = (
+            "the chain is complete"
+            if pos.chain_index >= plan.length
+            else f"chain step {pos.chain_index + 1}/{plan.length}, step {pos.step_in_layer}"
+        )
+        say(f"resumed from step {latest}: {where}")
 
     is_main = jax.process_index() == 0
     sets = eval_sets(cfg, tokenizer, heldout_rows)
