@@ -4,7 +4,7 @@
     python -m bench.ops --json out.json          # also write the rows as JSON (with backend and device name)
     python -m bench.ops --shapes 1,8,64,2048     # B,H,D,T (several separated by ';')
     python -m bench.ops --variants               # also time both chunked forms (xla_fused, xla_two) and auto
-    python -m bench.ops --tune                   # sweep chunk/sub-chunk/block sizes of the chunked path
+    python -m bench.ops --tune --shapes ...      # sweep chunk/sub-chunk/block/unroll of the chunked path (last shape)
 
 Each row: wall time (median of --repeats runs after one warm-up, block_until_ready), compile time, and the peak
 temporary memory of the compiled executable (`memory_analysis().temp_size_in_bytes`, no run needed). Softmax
@@ -127,23 +127,28 @@ def bench_shape(shape, dtype, repeats: int, impls: list[str], skip_naive_bwd_abo
     return rows
 
 
-def tune(dtype, repeats: int) -> list[dict]:
-    """Sweep chunk size, sub-chunk size and block size of the fused chunked form (B=1, H=8, D=64, T=2048)."""
-    B, H, D, T = 1, 8, 64, 2048
+def tune(shape, dtype, repeats: int) -> list[dict]:
+    """Sweep chunk size, sub-chunk size, block size and scan unroll of the fused chunked form at `shape`."""
+    B, H, D, T = shape
     x = make_inputs(B, H, D, T, dtype)
     args = (x["q"], x["k"], x["v"], x["g1"], x["g2"], x["mix"])
+    cpu = jax.default_backend() == "cpu"
+    blocks = (1 << 20, 1 << 22) if cpu else (1 << 28,)
+    unrolls = (1,) if cpu else (1, 8, 32)
     rows = []
-    for chunk in (16, 32, 64, 128):
-        for sub in (4, 8, 16):
-            if sub > chunk:
+    for chunk in (32, 64, 128):
+        for sub in (4, 8, 16, 32):
+            if sub > chunk or (cpu and sub == 32) or (not cpu and sub == 4):
                 continue
-            for block in (1 << 18, 1 << 20, 1 << 22):
-                fwd, grad = dsla_fns("fused", chunk_size=chunk, sub_chunk=sub, block_elems=block)
-                for mode, fn, a in (("fwd", fwd, args), ("fwd+bwd", grad, (*args, x["ct"]))):
-                    row = dict(op="dsla", impl=f"fused C{chunk} c{sub} blk2^{block.bit_length() - 1}", mode=mode)
-                    row.update(B=B, H=H, D=D, T=T, **measure(fn, a, repeats))
-                    rows.append(row)
-                    print(fmt_row(row), flush=True)
+            for block in blocks:
+                for unroll in unrolls:
+                    kw = dict(chunk_size=chunk, sub_chunk=sub, block_elems=block, unroll=unroll)
+                    fwd, grad = dsla_fns("fused", **kw)
+                    name = f"fused C{chunk} c{sub} b2^{block.bit_length() - 1} u{unroll}"
+                    for mode, fn, a in (("fwd", fwd, args), ("fwd+bwd", grad, (*args, x["ct"]))):
+                        row = dict(op="dsla", impl=name, mode=mode, B=B, H=H, D=D, T=T, **measure(fn, a, repeats))
+                        rows.append(row)
+                        print(fmt_row(row), flush=True)
     return rows
 
 
@@ -206,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     print(HEADER)
     rows: list[dict] = []
     if args.tune:
-        rows += tune(dtype, args.repeats)
+        rows += tune(shapes[-1], dtype, args.repeats)
     else:
         for shape in shapes:
             rows += bench_shape(shape, dtype, args.repeats, impls, args.skip_naive_bwd_above)

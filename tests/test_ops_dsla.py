@@ -229,7 +229,7 @@ def test_blocked_scan_matches_naive(form):
         if impl == "naive":
             o, s = dsla_attention(q, k, v, g1, g2, mix, initial_state=s0, impl="naive")
         else:
-            o, s = fn(q, k, v, g1, g2, mix, initial_state=s0, block_elems=4 * per_chunk)
+            o, s = fn(q, k, v, g1, g2, mix, initial_state=s0, sub_chunk=16, block_elems=4 * per_chunk)
         return jnp.sum(jnp.sin(o)) + jnp.sum(s[0] * s[1]), (o, s)
 
     ref, (o_ref, s_ref) = _grad_with(loss, "naive", q, k, v, g1, g2, mix, s0)

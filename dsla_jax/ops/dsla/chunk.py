@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dsla_jax.ops.gla.chunk import SUB_CHUNK, chunk_gla_multi
+from dsla_jax.ops.gla.chunk import chunk_gla_multi
 from dsla_jax.ops.utils import check_gla_shapes, check_mix, group_queries, resolve_scale, ungroup_queries
 
 States = tuple[jax.Array, jax.Array]
@@ -42,14 +42,15 @@ def chunk_dsla_two(
     scale: float | None = None,
     initial_state: States | None = None,
     chunk_size: int = 64,
-    sub_chunk: int = SUB_CHUNK,
+    sub_chunk: int | None = None,
     block_elems: int | None = None,
+    unroll: int | None = None,
 ) -> tuple[jax.Array, States]:
     """Chunked DSLA as two GLA passes. Shapes as `dsla_attention`: q [B, T, H, K], k/g1/g2 [B, T, Hk, K],
     v [B, T, Hk, V], mix [2]; returns o [B, T, H, V] in q's dtype and (S1, S2) [B, Hk, K, V] float32."""
     Hk, K, scale, s0 = _prepare(q, k, v, g1, g2, mix, scale, initial_state)
     qg = group_queries(q, Hk)
-    kw = dict(scale=scale, chunk_size=chunk_size, sub_chunk=sub_chunk, block_elems=block_elems)
+    kw = dict(scale=scale, chunk_size=chunk_size, sub_chunk=sub_chunk, block_elems=block_elems, unroll=unroll)
     o1, (s1,) = chunk_gla_multi(qg, k, v, (g1,), (s0[0],), None, **kw)
     o2, (s2,) = chunk_gla_multi(qg, k, v, (g2,), (s0[1],), None, **kw)
     w = mix.astype(jnp.float32)
@@ -67,13 +68,14 @@ def chunk_dsla_fused(
     scale: float | None = None,
     initial_state: States | None = None,
     chunk_size: int = 64,
-    sub_chunk: int = SUB_CHUNK,
+    sub_chunk: int | None = None,
     block_elems: int | None = None,
+    unroll: int | None = None,
 ) -> tuple[jax.Array, States]:
     """Chunked DSLA as one GLA with key dimension 2K. Shapes as `chunk_dsla_two`."""
     Hk, K, scale, s0 = _prepare(q, k, v, g1, g2, mix, scale, initial_state)
     o, s = chunk_gla_multi(
         group_queries(q, Hk), k, v, (g1, g2), s0, mix, scale=scale, chunk_size=chunk_size, sub_chunk=sub_chunk,
-        block_elems=block_elems,
+        block_elems=block_elems, unroll=unroll,
     )
     return ungroup_queries(o).astype(q.dtype), s
