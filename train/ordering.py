@@ -18,8 +18,8 @@ from dsla_jax.training import load_config
 from dsla_jax.training.chain import stage_counts
 from dsla_jax.training.config import DistillConfigError
 from dsla_jax.training.data import DataError
-from dsla_jax.training.loop import load_rows, load_teacher
 from dsla_jax.training.ordering import METHODS, compare_orders, format_comparison, layer_order
+from dsla_jax.training.setup import load_rows, load_teacher
 
 
 def main(argv: list[str] | None = None) -> int:
