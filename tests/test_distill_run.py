@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 from safetensors.numpy import load_file
 
 from dsla_jax.checkpoints import load_checkpoint
@@ -28,14 +30,17 @@ BASE_YAML = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> dict[str, Path]:
+def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
-    return {
+    previous = jax.config.jax_compilation_cache_dir
+    yield {
         "model": tiny_model_dir(root / "model", tiny_config(layers=3)),
         "other": tiny_model_dir(root / "other", tiny_config(layers=3), seed=1),
         "corpus": tiny_corpus(root / "corpus", docs=8, words=300),
-        "cache": root / "jax_cache",
+        "cache": root / "jax_cache",  # the runs set it as JAX's persistent cache: undone after this module
     }
+    jax.config.update("jax_compilation_cache_dir", previous)
+    compilation_cache.reset_cache()
 
 
 def overrides(assets, out: Path, **extra) -> list[str]:
@@ -66,12 +71,8 @@ def overrides(assets, out: Path, **extra) -> list[str]:
 
 
 def cfg_of(assets, out: Path, **extra):
-    from dsla_jax.training.config import parse_override
-
-    values: dict = {}
-    cfg = config_from_dict(values, overrides(assets, out, **extra))
-    assert parse_override  # (overrides go through the same parser as the CLI)
-    return cfg
+    """The config the CLI would build from `overrides(...)` (same parser)."""
+    return config_from_dict({}, overrides(assets, out, **extra))
 
 
 def final_tensors(out: Path) -> dict[str, np.ndarray]:
