@@ -51,7 +51,7 @@ from pathlib import Path
 from dsla_jax.training.ordering import compare_orders
 runs, out = Path(sys.argv[1]), Path(sys.argv[2])
 result = {"runs": {}, "orderings": {}}
-for d in sorted(p for p in runs.iterdir() if p.is_dir() and p.name != "orderings"):
+for d in sorted(p for p in runs.iterdir() if p.is_dir() and p.name not in ("orderings", "jax_cache")):
     if (d / "summary.json").is_file():
         result["runs"][d.name] = json.loads((d / "summary.json").read_text())
     if (d / "metrics.jsonl").is_file():
@@ -78,7 +78,8 @@ for item in $RUNS; do
   "$PYTHON" -m train.distill --config configs/smollm2_gpu.yaml --resume \
     model.spec="$MODEL" data.sources="[$TRAIN]" eval.sources="[$VALID]" \
     chain.ordering="$ordering" model.mixer="$mixer" chain.stages="[$stages]" \
-    out_dir="$out_dir" ordering.cache_dir="$RUN_DIR/orderings" train.time_limit_s="$left" $EXTRA 2>&1 | tee -a "$LOG"
+    out_dir="$out_dir" ordering.cache_dir="$RUN_DIR/orderings" compile_cache="$RUN_DIR/jax_cache" \
+    train.time_limit_s="$left" $EXTRA 2>&1 | tee -a "$LOG"
   rc=${PIPESTATUS[0]}
   if [ "$rc" -ne 0 ]; then collect; exit "$rc"; fi
 done
