@@ -178,6 +178,11 @@ def _causal(BT: int) -> jax.Array:
     return (_iota((BT, BT), 0) >= _iota((BT, BT), 1)).astype(f32)
 
 
+def _strict(BT: int) -> jax.Array:
+    """[BT, BT] float mask of j < i (the backward leaves the i = j terms to the caller, see `dq_chunk`)."""
+    return (_iota((BT, BT), 0) > _iota((BT, BT), 1)).astype(f32)
+
+
 @dataclasses.dataclass(frozen=True)
 class Numerics:
     """Matmul operand precisions ("tf32", "bf16", "ieee") and the fast-path bound of the chunk math."""
@@ -244,7 +249,10 @@ def seg_chunk(x, y, g, s, d, *, reverse: bool, nm: Numerics):
 
 
 def dq_chunk(q, k, v, do, g, st, *, scale: float, nm: Numerics):
-    """One chunk of dq for one state (unweighted by the mix), forward in time.
+    """One chunk of dq for one state (unweighted by the mix), forward in time, without the j = i terms.
+
+    The i = j terms, scale (do_i . v_i) k_i, carry no decay and are the same for both states; the caller adds them.
+    Left out here, q * dq - k * dk (the gate gradient's summand) loses its largest cancelling pair of terms.
 
     Args:
         q, k, g: [BT, K]; v, do: [BT, V]; st: [K, V] state entering the chunk.
@@ -254,7 +262,7 @@ def dq_chunk(q, k, v, do, g, st, *, scale: float, nm: Numerics):
     """
     BT = q.shape[0]
     b, bL, R = _gate_sums(g, nm.tril)
-    da = _mm(do, v, nm.intra_dot, tb=True) * _causal(BT)  # [BT(i), BT(j)] = do_i . v_j
+    da = _mm(do, v, nm.intra_dot, tb=True) * _strict(BT)  # [BT(i), BT(j)] = do_i . v_j, j < i
     ef, ei, em = _fast_factors(b, bL, 0.5 * nm.thresh)
     kf = k * ei
     intra = ef * _mm(da, kf, nm.intra_dot)  # sum_j dA_ij k_j exp(b_i - b_j), fast path
@@ -271,7 +279,7 @@ def dq_chunk(q, k, v, do, g, st, *, scale: float, nm: Numerics):
 
 
 def dkv_chunk(q, k, v, do, g, ds, *, nm: Numerics):
-    """One chunk of dk, dv for one state, backward in time.
+    """One chunk of dk, dv for one state, backward in time; dk without the i = j terms (see `dq_chunk`).
 
     Args:
         q, k, g: [BT, K]; v: [BT, V]; do: [BT, V] output gradient times mix weight times scale;
@@ -283,7 +291,7 @@ def dkv_chunk(q, k, v, do, g, ds, *, nm: Numerics):
     BT = q.shape[0]
     causal = _causal(BT)
     b, bL, R = _gate_sums(g, nm.tril)
-    da = _mm(do, v, nm.intra_dot, tb=True) * causal  # [BT(i), BT(j)]
+    da = _mm(do, v, nm.intra_dot, tb=True) * _strict(BT)  # [BT(i), BT(j)], j < i
     ef, ei, em = _fast_factors(b, bL, 0.5 * nm.thresh)
     qf, kf = q * ef, k * ei
     a = _mm(qf, kf, nm.intra_dot, tb=True)
@@ -432,12 +440,13 @@ def seg_states_gpu(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, sin_ref, dq_ref, *, H, BT, NC, scale, nm):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, sin_ref, dq_ref, sc_ref, *, H, BT, NC, scale, nm):
     bh, s, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     b, h = lax.div(bh, H), lax.rem(bh, H)  # non-negative: no floor-division selects
 
     def body(n, st):
         ts = pl.ds((p * NC + n) * BT, BT)
+        sc_ref[s, bh, p * NC + n] = st  # the state entering the chunk, for the gate gradient (`bwd_dkv_gpu`)
         dq, st = dq_chunk(
             q_ref[b, ts, h, :].astype(f32),
             k_ref[b, ts, h, :].astype(f32),
@@ -455,19 +464,26 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, sin_ref, dq_ref, *, H, BT, NC
 
 
 def bwd_dq_gpu(q, k, v, do, g, s_in, *, scale: float, cfg: GpuConfig, P: int, interpret=False):
-    """dq per state (unweighted by the mix): float32 [2, B, T, H, K].
+    """dq per state (unweighted by the mix, without the j = i terms) and the state entering every chunk.
 
     Args:
         q, k: [B, T, H, K]; v, do: [B, T, H, V]; g: [2, B, T, H, K] stacked gates;
         s_in: [B * H, P, 2, K, V] float32 states entering each segment (saved by the forward).
+
+    Returns:
+        dq [2, B, T, H, K] and chunk states [2, B * H, N, K, V] (N = T / bwd_chunk), float32.
     """
     B, T, H, K = q.shape
+    V = v.shape[-1]
     BT = cfg.bwd_chunk
     NC = T // (P * BT)
     kernel = functools.partial(_dq_kernel, H=H, BT=BT, NC=NC, scale=scale, nm=_numerics(cfg))
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((2, B, T, H, K), f32),
+        out_shape=(
+            jax.ShapeDtypeStruct((2, B, T, H, K), f32),
+            jax.ShapeDtypeStruct((2, B * H, T // BT, K, V), f32),
+        ),
         grid=(B * H, 2, P),
         compiler_params=_compiler_params(cfg.bwd_num_warps, cfg.bwd_num_stages, interpret),
         interpret=interpret,
@@ -475,14 +491,34 @@ def bwd_dq_gpu(q, k, v, do, g, s_in, *, scale: float, cfg: GpuConfig, P: int, in
     )(q, k, v, do, g, s_in)
 
 
-def _dkv_kernel(w_ref, q_ref, k_ref, v_ref, do_ref, g_ref, dsend_ref, dk_ref, dv_ref, dh0_ref, *, H, BT, NC, scale, nm):
+def _dkv_kernel(
+    w_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    g_ref,
+    dsend_ref,
+    sc_ref,
+    dk_ref,
+    dv_ref,
+    dh0_ref,
+    c_ref,
+    *,
+    H,
+    BT,
+    NC,
+    scale,
+    nm,
+):
     bh, s, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     b, h = lax.div(bh, H), lax.rem(bh, H)  # non-negative: no floor-division selects
     sf = s.astype(f32)
     ws = (w_ref[0] * (1.0 - sf) + w_ref[1] * sf) * scale
 
     def body(n, ds):
-        ts = pl.ds((p * NC + NC - 1 - n) * BT, BT)
+        c = p * NC + NC - 1 - n
+        ts = pl.ds(c * BT, BT)
         dk, dv, ds = dkv_chunk(
             q_ref[b, ts, h, :].astype(f32),
             k_ref[b, ts, h, :].astype(f32),
@@ -494,22 +530,26 @@ def _dkv_kernel(w_ref, q_ref, k_ref, v_ref, do_ref, g_ref, dsend_ref, dk_ref, dv
         )
         dk_ref[s, b, ts, h, :] = dk
         dv_ref[s, b, ts, h, :] = dv
+        # The gate gradient at the chunk's first token: sum_V S_in * dS_in (no cancellation, see `pallas.py`).
+        c_ref[s, bh, c, 0, :] = jnp.sum(sc_ref[s, bh, c] * ds, axis=1)
         return ds
 
     ds = lax.fori_loop(0, NC, body, dsend_ref[bh, p, s])
     dh0_ref[bh, p, s] = ds  # the adjoint at each segment's start; segment 0's is the initial-state gradient
 
 
-def bwd_dkv_gpu(w, q, k, v, do, g, ds_end, *, scale: float, cfg: GpuConfig, P: int, interpret=False):
-    """dk, dv per state (weighted by the mix) and the initial-state gradients.
+def bwd_dkv_gpu(w, q, k, v, do, g, ds_end, s_chunks, *, scale: float, cfg: GpuConfig, P: int, interpret=False):
+    """dk (without the i = j terms), dv per state (weighted by the mix), initial-state and chunk-boundary gradients.
 
     Args:
         w: [2] float32 mix; q, k: [B, T, H, K]; v, do: [B, T, H, V]; g: [2, B, T, H, K] stacked gates;
-        ds_end: [B * H, P, 2, K, V] float32 adjoint states at the end of each segment.
+        ds_end: [B * H, P, 2, K, V] float32 adjoint states at the end of each segment;
+        s_chunks: [2, B * H, N, K, V] float32 states entering every chunk (from `bwd_dq_gpu`).
 
     Returns:
-        dk [2, B, T, H, K], dv [2, B, T, H, V] (float32, per state) and the adjoints at the segment starts
-        [B * H, P, 2, K, V] (segment 0's is the initial-state gradient).
+        dk [2, B, T, H, K], dv [2, B, T, H, V] (float32, per state), the adjoints at the segment starts
+        [B * H, P, 2, K, V] (segment 0's is the initial-state gradient) and the gate gradient at every chunk's
+        first token, sum_V S_in * dS_in, [2, B * H, N, 1, K].
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -522,9 +562,10 @@ def bwd_dkv_gpu(w, q, k, v, do, g, ds_end, *, scale: float, cfg: GpuConfig, P: i
             jax.ShapeDtypeStruct((2, B, T, H, K), f32),
             jax.ShapeDtypeStruct((2, B, T, H, V), f32),
             jax.ShapeDtypeStruct((B * H, P, 2, K, V), f32),
+            jax.ShapeDtypeStruct((2, B * H, T // BT, 1, K), f32),
         ),
         grid=(B * H, 2, P),
         compiler_params=_compiler_params(cfg.bwd_num_warps, cfg.bwd_num_stages, interpret),
         interpret=interpret,
         name="dsla_bwd_dkv",
-    )(w, q, k, v, do, g, ds_end)
+    )(w, q, k, v, do, g, ds_end, s_chunks)

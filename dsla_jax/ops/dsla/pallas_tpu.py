@@ -118,13 +118,14 @@ def fwd_tpu(q, k, v, g1, g2, w, h0, *, scale: float, cfg: TpuConfig, interpret=F
     return _heads_major(o), s_T
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, h0_ref, dq_ref, st_scr, *, scale, nm):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, h0_ref, dq_ref, sc_ref, st_scr, *, scale, nm):
     n = pl.program_id(2)
 
     @pl.when(n == 0)
     def _():
         st_scr[...] = h0_ref[...]
 
+    sc_ref[...] = st_scr[...]  # the state entering the chunk, for the gate gradient
     dq, st = dq_chunk(
         q_ref[...].astype(f32),
         k_ref[...].astype(f32),
@@ -139,7 +140,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, h0_ref, dq_ref, st_scr, *, sc
     st_scr[...] = st
 
 
-def _dkv_kernel(w_ref, q_ref, k_ref, v_ref, do_ref, g_ref, dsT_ref, dk_ref, dv_ref, dh0_ref, ds_scr, *, scale, nm):
+def _dkv_kernel(
+    w_ref, q_ref, k_ref, v_ref, do_ref, g_ref, dsT_ref, sc_ref, dk_ref, dv_ref, dh0_ref, c_ref, ds_scr, *, scale, nm
+):
     s, n = pl.program_id(1), pl.program_id(2)
 
     @pl.when(n == 0)
@@ -160,6 +163,7 @@ def _dkv_kernel(w_ref, q_ref, k_ref, v_ref, do_ref, g_ref, dsT_ref, dk_ref, dv_r
     dk_ref[...] = dk
     dv_ref[...] = dv
     ds_scr[...] = ds
+    c_ref[...] = jnp.sum(sc_ref[...] * ds, axis=1)[None, :]  # sum_V S_in * dS_in at the chunk's first token
 
     @pl.when(n == pl.num_programs(2) - 1)
     def _():
@@ -173,7 +177,8 @@ def bwd_tpu(res, do, ds_T, *, scale: float, cfg: TpuConfig, interpret=False):
         res: the forward's residuals (q, k, v, g1, g2, w, h0, s_T); do: [B, T, H, V]; ds_T: [B * H, 2, K, V].
 
     Returns:
-        dq_s, dk_s [2, B, T, H, K], dv_s [2, B, T, H, V] float32 and dh0 [B * H, 2, K, V].
+        dq_s, dk_s [2, B, T, H, K] (without the i = j terms), dv_s [2, B, T, H, V] float32, dh0 [B * H, 2, K, V]
+        and the gate gradients at the chunk starts [2, B * H, N, 1, K] (see `pallas_gpu.bwd_dkv_gpu`).
     """
     q, k, v, g1, g2, w, h0, _ = res
     B, T, H, K = q.shape
@@ -198,13 +203,16 @@ def bwd_tpu(res, do, ds_T, *, scale: float, cfg: TpuConfig, interpret=False):
         return qk, vo, gs, ps
 
     state = pl.BlockSpec((None, None, K, V), lambda bh, s, n: (bh, s, 0, 0))
+    chunk_state = pl.BlockSpec((None, None, None, K, V), lambda bh, s, n: (s, bh, n, 0, 0))
+    chunk_state_rev = pl.BlockSpec((None, None, None, K, V), lambda bh, s, n: (s, bh, N - 1 - n, 0, 0))
+    chunk_c_rev = pl.BlockSpec((None, None, None, 1, K), lambda bh, s, n: (s, bh, N - 1 - n, 0, 0))
     qk, vo, gs, _ = specs(fwd_idx)
-    dq_s = pl.pallas_call(
+    dq_s, s_chunks = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, nm=nm),
-        out_shape=jax.ShapeDtypeStruct((2, B, H, T, K), f32),
+        out_shape=(jax.ShapeDtypeStruct((2, B, H, T, K), f32), jax.ShapeDtypeStruct((2, B * H, N, K, V), f32)),
         grid=(B * H, 2, N),
         in_specs=[qk, qk, vo, vo, gs, state],
-        out_specs=gs,
+        out_specs=(gs, chunk_state),
         scratch_shapes=[pltpu.VMEM((K, V), f32)],
         compiler_params=_params(interpret, 2),
         interpret=interpret,
@@ -212,20 +220,21 @@ def bwd_tpu(res, do, ds_T, *, scale: float, cfg: TpuConfig, interpret=False):
     )(qh, kh, vh, doh, gh, h0)
 
     qk, vo, gs, ps = specs(rev_idx)
-    dk_s, dv_s, dh0 = pl.pallas_call(
+    dk_s, dv_s, dh0, c = pl.pallas_call(
         functools.partial(_dkv_kernel, scale=scale, nm=nm),
         out_shape=(
             jax.ShapeDtypeStruct((2, B, H, T, K), f32),
             jax.ShapeDtypeStruct((2, B, H, T, V), f32),
             jax.ShapeDtypeStruct((B * H, 2, K, V), f32),
+            jax.ShapeDtypeStruct((2, B * H, N, 1, K), f32),
         ),
         grid=(B * H, 2, N),
-        in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM), qk, qk, vo, vo, gs, state],
-        out_specs=(gs, ps, state),
+        in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM), qk, qk, vo, vo, gs, state, chunk_state_rev],
+        out_specs=(gs, ps, state, chunk_c_rev),
         scratch_shapes=[pltpu.VMEM((K, V), f32)],
         compiler_params=_params(interpret, 2),
         interpret=interpret,
         name="dsla_bwd_dkv_tpu",
-    )(w, qh, kh, vh, doh, gh, ds_T)
+    )(w, qh, kh, vh, doh, gh, ds_T, s_chunks)
     back = functools.partial(jnp.swapaxes, axis1=2, axis2=3)
-    return back(dq_s), back(dk_s), back(dv_s), dh0
+    return back(dq_s), back(dk_s), back(dv_s), dh0, c
