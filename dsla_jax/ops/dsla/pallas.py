@@ -10,7 +10,8 @@ Backward, per state (w its mix weight, B the global inclusive cumsum of its gate
     dq     = sum_s w_s dq_s,  dq_s = scale * H_s,t dO_t (kernel `dq`, forward in time);
     dk, dv = sums over the states of the adjoint recurrence (kernel `dkv`, backward in time);
     dw_s   = sum_t q_t . dq_s,t;
-    dg_s,t = sum_{i >= t} (w_s q_i * dq_s,i - k_i * dk_s,i) + sum_V (S_s,T * dS_s,T)   (a reverse cumsum).
+    dg_s,t = sum_{i >= t} (w_s q_i * dq_s,i - k_i * dk_s,i) + sum_V (S_s,T * dS_s,T),
+             evaluated chunk-locally with exact chunk-boundary terms (`_finish_grads`).
 
 None of the kernel modules is imported before a kernel is needed, and none needs a GPU to import.
 """

@@ -16,7 +16,11 @@ and state, chosen at run time:
   exp(+-20) and each product q_ik k_jk exp(b_ik - b_jk) is formed to a rounding of its true value (nothing overflows
   or is lost). exp(b) and exp(bL - b) are then these factors times exp(bL/2) <= 1.
 * exact (elementwise): otherwise (gates near -50 reach R = 3200 in a 64-token chunk) A is built column by column as
-  sum_K q_i k_j exp(min(b_i - b_j, 0)), every exponent <= 0.
+  sum_K q_i k_j exp(min(b_i - b_j, 0)), every exponent <= 0, and exp(b), exp(bL - b) are recomputed directly.
+The fast path always runs (its factors clamped to exp(+-thresh/2), so the values it leaves for the exact path to
+overwrite stay finite); the exact path is a loop whose trip count is 0 or BT. No `lax.cond`: the Triton compiler of
+jax 0.11 rejects tensor-valued `scf.if` results, and its `select_n` lowering mistypes weak scalar operands, so the
+kernels also use float masks instead of `jnp.where`.
 
 Parallelism. A GPU needs ~2 programs per SM; at B = 1 there are only B * H * (V / BV) heads-tiles, so the sequence is
 cut into P segments: `seg_states_gpu` computes each segment's state contribution from zero (and its total log
@@ -24,8 +28,12 @@ decay), the caller chains the P summaries in XLA (P is small), and `fwd_gpu` run
 state in parallel. The backward kernels reuse this: `seg_states_gpu(reverse=True)` summarises the reverse (adjoint)
 recurrence, `bwd_dq_gpu` runs forward in time from the saved segment states, `bwd_dkv_gpu` backward in time.
 
-Every kernel accumulates in float32 and carries its states in registers; nothing per-token but the outputs is
-written. Kernels take full arrays (no BlockSpecs) and load [BT, *] tiles at computed offsets.
+Gate gradients. `bwd_dq_gpu` also writes the state entering every chunk and `bwd_dkv_gpu` turns it into
+sum_V S_in * dS_in per chunk start (the exact gate gradient there); the dq, dk kernels leave out their i = j terms.
+The caller (`pallas._finish_grads`) then needs reverse cumsums over single chunks only (see there).
+
+Every kernel accumulates in float32 and carries its states in registers; the forward writes nothing per token but
+the outputs. Kernels take full arrays (no BlockSpecs) and load [BT, *] tiles at computed offsets.
 """
 
 from __future__ import annotations
