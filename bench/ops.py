@@ -12,9 +12,8 @@ attention is `jax.nn.dot_product_attention(..., is_causal=True, implementation="
 Hk = H and K = V = D; gates are log-sigmoid/16 of normals. Runs whose naive backward would hold T states per head can
 be skipped above a length (--skip-naive-bwd-above T): their memory is still reported from the compile.
 
-Figures on the 2-core CPU this was developed on (B=1, H=8, D=64, float32, other jobs sharing the CPU, so +-30%):
-see the report of the commit that added this file; the choices they support are `utils.AUTO_IMPL` (naive values and
-chunked gradients on CPU) and `dsla.XLA_DEFAULT` (the fused 2K form).
+Figures behind the defaults (`utils.AUTO_IMPL`, `dsla.XLA_DEFAULT`, `gla.chunk.SUB_CHUNK/BLOCK_ELEMS`) are quoted
+where those are defined. On a shared 2-core CPU timings move by +-30% from run to run: compare rows of one run.
 """
 
 from __future__ import annotations
@@ -24,7 +23,8 @@ import json
 import platform
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -117,7 +117,8 @@ def bench_shape(shape, dtype, repeats: int, impls: list[str], skip_naive_bwd_abo
         for mode, fn, args in (("fwd", fwd, dsla_args), ("fwd+bwd", grad, (*dsla_args, x["ct"]))):
             skip = impl == "naive" and mode == "fwd+bwd" and skip_naive_bwd_above is not None
             skip = skip and T > skip_naive_bwd_above
-            rows.append(dict(op="dsla", impl=impl, mode=mode, B=B, H=H, D=D, T=T, **measure(fn, args, repeats, not skip)))
+            row = dict(op="dsla", impl=impl, mode=mode, B=B, H=H, D=D, T=T)
+            rows.append(dict(**row, **measure(fn, args, repeats, not skip)))
             print(fmt_row(rows[-1]), flush=True)
     fwd, grad = softmax_fns()
     qkv = (x["q"], x["k"], x["v"])
@@ -152,7 +153,10 @@ def tune(shape, dtype, repeats: int) -> list[dict]:
     return rows
 
 
-HEADER = f"{'op':8s} {'impl':26s} {'mode':8s} {'B':>2s} {'H':>3s} {'D':>4s} {'T':>6s} {'time ms':>10s} {'temp MiB':>10s} {'compile s':>9s}"
+HEADER = (
+    f"{'op':8s} {'impl':26s} {'mode':8s} {'B':>2s} {'H':>3s} {'D':>4s} {'T':>6s} "
+    f"{'time ms':>10s} {'temp MiB':>10s} {'compile s':>9s}"
+)
 
 
 def fmt_row(r: dict) -> str:
@@ -188,8 +192,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: f32 on CPU, bf16 else")
-    p.add_argument("--skip-naive-bwd-above", type=int, default=None, metavar="T",
-                   help="do not run the token loop's forward+backward above this T (memory is still reported)")
+    p.add_argument(
+        "--skip-naive-bwd-above",
+        type=int,
+        default=None,
+        metavar="T",
+        help="do not run the token loop's forward+backward above this T (memory is still reported)",
+    )
     p.add_argument("--variants", action="store_true", help="also time xla_fused, xla_two and auto")
     p.add_argument("--tune", action="store_true", help="sweep the chunked path's sizes instead")
     args = p.parse_args(argv)

@@ -303,9 +303,10 @@ def _bad(name: str):
     return dict(args=(q, k, v, g1, g2, mix), kw=dict(initial_state=s0))
 
 
-@pytest.mark.parametrize(
-    "name", ["q_rank", "heads", "k_dim", "v_time", "gate_shape", "mix", "state_shape", "state_pair", "impl", "chunk_size"]
-)
+BAD = ["q_rank", "heads", "k_dim", "v_time", "gate_shape", "mix", "state_shape", "state_pair", "impl", "chunk_size"]
+
+
+@pytest.mark.parametrize("name", BAD)
 def test_bad_shapes_raise(name):
     case = _bad(name)
     with pytest.raises(ValueError, match=r"\S"):

@@ -7,14 +7,20 @@ query heads per kv head, K key (and gate) dimension, V value dimension, N number
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
-# Every matmul of the ops accumulates in float32 at full precision (no TF32 / single bf16 pass), so that the chunked
-# path matches the token loop to ~1e-6 on every backend.
-PRECISION = jax.lax.Precision.HIGHEST
+# Every matmul of the ops runs at float32 accuracy (no plain TF32 or single bf16 pass), so that the chunked path
+# matches the token loop to ~1e-6 on every backend. Per backend, read at trace time by `matmul_precision()`.
+MATMUL_PRECISION: dict[str, object] = {"cpu": jax.lax.Precision.HIGHEST, "gpu": jax.lax.Precision.HIGHEST}
+
+
+def matmul_precision():
+    """The `precision` argument of the ops' matmuls on the current backend."""
+    return MATMUL_PRECISION.get(jax.default_backend(), jax.lax.Precision.HIGHEST)
+
 
 IMPLS = ("auto", "naive", "xla", "xla_fused", "xla_two", "pallas")
 
@@ -124,10 +130,13 @@ def backend() -> str:
 
 
 # What impl="auto" runs, per backend: (impl computing the values, impl whose VJP gives the gradients).
-# Measured with `python -m bench.ops` (B=1, H=8, K=V=64, DSLA; table in bench/ops.py's docstring): on a 2-core CPU
-# the token loop's forward beats the chunked forward at every T tried (512..8192), but its backward keeps one [K, V]
-# state per token (4.3 GiB at T=8192) and is slower than the chunked backward, so on CPU auto computes values with
-# the token loop and gradients through the chunked path. On accelerators the chunked path wins both ways.
+# Measured with `python -m bench.ops --variants` (DSLA, B=1, H=8, K=V=64, float32, 2-core CPU shared with other
+# jobs): the token loop's forward beats the chunked forward at every length tried (T=512/2048/8192: 8/19/113 ms vs
+# 18/74/289 ms), but its backward keeps two [K, V] states per token (4.3 GiB of temp memory at T=8192 vs 130 MiB
+# chunked) and is 3-8x slower (T=8192: 8.9 s vs 1.1-1.2 s). So on CPU auto computes values with the token loop and
+# gradients through the chunked path (`value_and_grad_from`): inference gets the fast loop, training the lean
+# backward, without a hint from the caller. On GPU the chunked path wins both ways (H200, B=1, H=32, K=V=128, bf16,
+# T=8192: forward 8 ms vs 150-200 ms; the token loop's backward would need 82 GiB).
 AUTO_IMPL: dict[str, tuple[str, str]] = {"cpu": ("naive", "xla"), "gpu": ("xla", "xla"), "tpu": ("xla", "xla")}
 
 

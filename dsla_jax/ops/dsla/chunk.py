@@ -75,7 +75,16 @@ def chunk_dsla_fused(
     """Chunked DSLA as one GLA with key dimension 2K. Shapes as `chunk_dsla_two`."""
     Hk, K, scale, s0 = _prepare(q, k, v, g1, g2, mix, scale, initial_state)
     o, s = chunk_gla_multi(
-        group_queries(q, Hk), k, v, (g1, g2), s0, mix, scale=scale, chunk_size=chunk_size, sub_chunk=sub_chunk,
-        block_elems=block_elems, unroll=unroll,
+        group_queries(q, Hk),
+        k,
+        v,
+        (g1, g2),
+        s0,
+        mix,
+        scale=scale,
+        chunk_size=chunk_size,
+        sub_chunk=sub_chunk,
+        block_elems=block_elems,
+        unroll=unroll,
     )
     return ungroup_queries(o).astype(q.dtype), s

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dsla_jax.ops.utils import PRECISION, check_gla_shapes, check_mix, resolve_scale
+from dsla_jax.ops.utils import check_gla_shapes, check_mix, matmul_precision, resolve_scale
 
 
 def naive_dsla(
@@ -56,8 +56,8 @@ def naive_dsla(
         kv = k_t[..., :, None] * v_t[..., None, :]
         s1 = jnp.exp(g1_t)[..., None] * states[0] + kv
         s2 = jnp.exp(g2_t)[..., None] * states[1] + kv
-        o1 = jnp.einsum("bhgk,bhkv->bhgv", q_t, s1, precision=PRECISION)
-        o2 = jnp.einsum("bhgk,bhkv->bhgv", q_t, s2, precision=PRECISION)
+        o1 = jnp.einsum("bhgk,bhkv->bhgv", q_t, s1, precision=matmul_precision())
+        o2 = jnp.einsum("bhgk,bhkv->bhgv", q_t, s2, precision=matmul_precision())
         return (s1, s2), scale * (w[0] * o1 + w[1] * o2)
 
     states, o = jax.lax.scan(step, s0, (qs, ks, vs, g1s, g2s))

@@ -41,11 +41,11 @@ import jax
 import jax.numpy as jnp
 
 from dsla_jax.ops.utils import (
-    PRECISION,
     backend,
     check_chunking,
     check_gla_shapes,
     group_queries,
+    matmul_precision,
     pad_time,
     resolve_scale,
     ungroup_queries,
@@ -65,7 +65,7 @@ SCAN_UNROLL = {"cpu": 1, "gpu": 16, "tpu": 8}
 
 
 def _einsum(spec: str, *xs: jax.Array) -> jax.Array:
-    return jnp.einsum(spec, *xs, precision=PRECISION)
+    return jnp.einsum(spec, *xs, precision=matmul_precision())
 
 
 # Gates are split as g = g_hi + g_lo with g_hi on a grid of 2^-12: cumsums of g_hi are exact in float32 while
@@ -79,7 +79,7 @@ def _cumsum(x: jax.Array, axis: int) -> jax.Array:
     reduce-window, ~7x slower on CPU). Exact for the grid-rounded gates: every partial sum is representable."""
     n = x.shape[axis]
     tri = jnp.tril(jnp.ones((n, n), x.dtype))
-    return jnp.moveaxis(jnp.tensordot(tri, jnp.moveaxis(x, axis, 0), axes=1, precision=PRECISION), 0, axis)
+    return jnp.moveaxis(jnp.tensordot(tri, jnp.moveaxis(x, axis, 0), axes=1, precision=matmul_precision()), 0, axis)
 
 
 def cumsum_hi_lo(g: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
@@ -290,7 +290,15 @@ def chunk_gla(
     scale = resolve_scale(scale, K)
     s0 = jnp.zeros((B, Hk, K, V), jnp.float32) if initial_state is None else initial_state
     o, (s,) = chunk_gla_multi(
-        group_queries(q, Hk), k, v, (g,), (s0,), None, scale=scale, chunk_size=chunk_size, sub_chunk=sub_chunk,
+        group_queries(q, Hk),
+        k,
+        v,
+        (g,),
+        (s0,),
+        None,
+        scale=scale,
+        chunk_size=chunk_size,
+        sub_chunk=sub_chunk,
         block_elems=block_elems,
     )
     return ungroup_queries(o).astype(q.dtype), s

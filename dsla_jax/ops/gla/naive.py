@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dsla_jax.ops.utils import PRECISION, check_gla_shapes, resolve_scale
+from dsla_jax.ops.utils import check_gla_shapes, matmul_precision, resolve_scale
 
 
 def naive_gla(
@@ -47,7 +47,7 @@ def naive_gla(
     def step(s, xs):
         q_t, k_t, v_t, g_t = xs
         s = jnp.exp(g_t)[..., None] * s + k_t[..., :, None] * v_t[..., None, :]
-        o_t = scale * jnp.einsum("bhgk,bhkv->bhgv", q_t, s, precision=PRECISION)
+        o_t = scale * jnp.einsum("bhgk,bhkv->bhgv", q_t, s, precision=matmul_precision())
         return s, o_t
 
     s, o = jax.lax.scan(step, s0, (qs, ks, vs, gs))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dsla_jax.ops.utils import PRECISION, check_gla_shapes, group_queries, resolve_scale, ungroup_queries
+from dsla_jax.ops.utils import check_gla_shapes, group_queries, matmul_precision, resolve_scale, ungroup_queries
 
 
 def gla_decode_step(
@@ -36,5 +36,5 @@ def gla_decode_step(
     k, v, g = k.astype(f32), v.astype(f32), g.astype(f32)
     new = jnp.exp(g)[..., None] * state.astype(f32) + k[..., :, None] * v[..., None, :]
     qg = group_queries(q.astype(f32), Hk)  # [B, Hk, G, K]
-    o = scale * jnp.einsum("bhgk,bhkv->bhgv", qg, new, precision=PRECISION)
+    o = scale * jnp.einsum("bhgk,bhkv->bhgv", qg, new, precision=matmul_precision())
     return ungroup_queries(o).astype(q.dtype), new
