@@ -53,15 +53,18 @@ from dsla_jax.ops.utils import (
 
 # Sub-chunk size c (tokens of an exact [c, c, K] block; must divide the chunk size) and the largest float32 element
 # count of a block's biggest temporary (the [c, c, K] blocks of its chunks), per backend. Measured with
-# `python -m bench.ops --tune`: c = 8 beat 4, 16 and 32 on the 2-core CPU and on an H200 (fwd+bwd 27 ms vs 40 ms at
-# c = 16, B=1 H=32 D=128 T=8192); on CPU, blocks of 2^22 elements ran fwd+bwd 3.5x faster than 2^20 and kept
-# its temp memory at 130 MiB at T=8192 (2^24: 394 MiB).
+# `python -m bench.ops --tune`: c = 8 beat 16 and 32 on an H200 (B=1 H=32 D=128 T=8192 bf16, fused DSLA: fwd+bwd
+# 27 ms vs 40 / 35 ms, forward 7.0 vs 7.9 / 9.7 ms) and 16 on the 2-core CPU (T=2048 fwd+bwd ~200 vs ~300 ms); on
+# CPU, blocks of 2^22 elements ran fwd+bwd 2-3x faster than 2^20 and kept the temp memory at 130 MiB at T=8192
+# (2^24: 394 MiB). The hi/lo cumsum below is exact while |cumsum of gates| < 2^12 within a chunk (gates averaging
+# above -64 per token at C = 64); beyond that, exponents carry the rounding of a plain float32 cumsum of that size
+# (~2e-4 absolute at |cumsum| ~ 8000), still with every exponent <= 0 and no NaN/Inf.
 SUB_CHUNK = {"cpu": 8, "gpu": 8, "tpu": 8}
 BLOCK_ELEMS = {"cpu": 1 << 22, "gpu": 1 << 28, "tpu": 1 << 28}
 
-# Unroll factor of the scan over the chunks of a block, per backend: on GPU each loop iteration costs a kernel launch
-# and a host round trip for the loop condition, so unrolling the short [K, V] state updates pays.
-SCAN_UNROLL = {"cpu": 1, "gpu": 16, "tpu": 8}
+# Unroll factor of the scan over the chunks of a block, per backend (the [K, V] state updates are short). On an H200
+# unroll 1, 8 and 32 were within noise of each other (T=8192, 16 chunks per block); 8 is kept on accelerators.
+SCAN_UNROLL = {"cpu": 1, "gpu": 8, "tpu": 8}
 
 
 def _einsum(spec: str, *xs: jax.Array) -> jax.Array:
