@@ -93,10 +93,11 @@ class Generator:
     The module's parameters are split once; call `refresh()` after swapping layers (e.g. `convert_to_dsla`).
     """
 
-    def __init__(self, model: Llama, *, eos_ids: tuple[int, ...] = (), pad_id: int = 0):
+    def __init__(self, model: Llama, *, eos_ids: tuple[int, ...] = (), pad_id: int | None = None):
         self.model = model
         self.eos_ids = tuple(int(i) for i in eos_ids)
-        self.pad_id = int(pad_id)
+        # padding is masked out, so any id works: the tokenizer's pad token, else the first stop token, else 0
+        self.pad_id = int(pad_id if pad_id is not None else (self.eos_ids[0] if self.eos_ids else 0))
         self.max_context = model.config.max_position_embeddings
         self.refresh()
 

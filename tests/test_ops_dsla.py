@@ -270,9 +270,10 @@ def test_no_nan_with_extreme_gates_and_empty_sequence():
     np.testing.assert_array_equal(np.asarray(s00[0]), np.asarray(s0[0]))
 
 
-def test_pallas_slot_not_implemented():
+def test_pallas_impl_dispatches_to_the_kernels():
     q, k, v, g1, g2, mix, _ = make_inputs(9, 1, 8, 3, 3, 16, jnp.float32)
-    with pytest.raises(NotImplementedError, match="next issue"):
+    # on this CPU the kernels run only in the interpreter (tests/test_pallas.py): the dispatch reaches them and says so
+    with pytest.raises(ValueError, match="the DSLA Pallas kernels need a GPU or TPU"):
         dsla_attention(q, k, v, g1, g2, mix, impl="pallas")
 
 
@@ -324,3 +325,13 @@ def test_decode_bad_shapes_raise():
         dsla_decode_step(q[:, :5], k, v, g1, g2, mix, s0)
     with pytest.raises(ValueError, match="3-D"):
         dsla_decode_step(q[:, None], k, v, g1, g2, mix, s0)
+
+
+def test_auto_choice_per_backend(monkeypatch):
+    from dsla_jax.ops import utils
+
+    monkeypatch.setattr(utils, "backend", lambda: "gpu")
+    assert utils.auto_impls(has_pallas=True) == ("pallas", "xla")
+    assert utils.auto_impls() == ("xla", "xla")
+    monkeypatch.setattr(utils, "backend", lambda: "cpu")
+    assert utils.auto_impls(has_pallas=True) == ("naive", "xla")

@@ -151,5 +151,5 @@ def test_decode_bad_shapes_and_pallas():
         gla_decode_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], s0[..., :3])
     with pytest.raises(ValueError, match="3-D"):
         gla_decode_step(q, k[:, 0], v[:, 0], g[:, 0], s0)
-    with pytest.raises(NotImplementedError, match="next issue"):
+    with pytest.raises(NotImplementedError, match="only DSLA has Pallas kernels"):
         gla_attention(q, k, v, g, impl="pallas")

@@ -138,11 +138,17 @@ def backend() -> str:
 # backward, without a hint from the caller. On GPU the chunked path wins both ways (H200, B=1, H=32, K=V=128, bf16,
 # T=8192: forward 8 ms vs 150-200 ms; the token loop's backward would need 82 GiB).
 AUTO_IMPL: dict[str, tuple[str, str]] = {"cpu": ("naive", "xla"), "gpu": ("xla", "xla"), "tpu": ("xla", "xla")}
+# Ops that have a Pallas kernel (DSLA) compute values with it on the GPU: the Pallas forward measured 1.8x faster than
+# the chunked XLA forward (H100, B=1, T=8192, H=32, D=128, bf16, GLA-style gates: 4.88 ms vs 8.80 ms;
+# docs/benchmarks.md) and matched it to 1e-3. It is slower (36 ms) only when a chunk's gates decay by more than e^-40,
+# e.g. every gate at the -50 clamp. Gradients stay on the chunked XLA path until the Pallas backward's last revision
+# is measured on a GPU. The TPU kernel has run only in the Pallas interpreter, so TPU stays on XLA.
+AUTO_IMPL_WITH_PALLAS: dict[str, tuple[str, str]] = {**AUTO_IMPL, "gpu": ("pallas", "xla")}
 
 
-def auto_impls() -> tuple[str, str]:
+def auto_impls(*, has_pallas: bool = False) -> tuple[str, str]:
     """(forward impl, gradient impl) that impl="auto" uses on the current backend."""
-    return AUTO_IMPL.get(backend(), ("xla", "xla"))
+    return (AUTO_IMPL_WITH_PALLAS if has_pallas else AUTO_IMPL).get(backend(), ("xla", "xla"))
 
 
 def value_and_grad_from(value_fn, grad_fn):
@@ -169,7 +175,7 @@ def value_and_grad_from(value_fn, grad_fn):
 
 def pallas_not_implemented() -> None:
     raise NotImplementedError(
-        "impl='pallas' is not implemented yet (a Pallas kernel is planned in the next issue); use impl='xla' or 'auto'"
+        "impl='pallas' has no kernel for this op (only DSLA has Pallas kernels: dsla_jax.ops.dsla); use impl='xla'"
     )
 
 

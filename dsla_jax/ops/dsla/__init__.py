@@ -21,7 +21,6 @@ from dsla_jax.ops.utils import (
     check_gla_shapes,
     check_impl,
     check_mix,
-    pallas_not_implemented,
     resolve_scale,
     value_and_grad_from,
 )
@@ -64,9 +63,10 @@ def dsla_attention(
         initial_state: pair (S1, S2) of [B, Hk, K, V] float32, or None (zeros).
         chunk_size: tokens per chunk of the chunked paths; T need not be a multiple of it.
         impl: "naive" (float32 token loop), "xla" (chunked, the faster of the two forms: `XLA_DEFAULT`),
-            "xla_fused" / "xla_two" (a chunked form explicitly), "pallas" (not yet), or "auto" (see
-            `utils.AUTO_IMPL`: on CPU values from the token loop and gradients through the chunked path, elsewhere
-            chunked).
+            "xla_fused" / "xla_two" (a chunked form explicitly), "pallas" (the Pallas kernels of `pallas.py`, forward
+            and backward; GPU, or TPU), or "auto" (see `utils.AUTO_IMPL`: on CPU values from the token loop and
+            gradients through the chunked path; on GPU values from the Pallas forward and gradients through the
+            chunked path; on TPU chunked).
 
     Returns:
         o [B, T, H, V] in q's dtype and the final states (S1, S2), each [B, Hk, K, V] float32.
@@ -83,10 +83,13 @@ def dsla_attention(
     s0 = tuple(zeros if s is None else s.astype(jnp.float32) for s in (s01, s02))
     if T == 0:
         return jnp.zeros((B, 0, H, V), q.dtype), s0
-    if impl == "pallas":
-        pallas_not_implemented()
-
     def run(name: str):
+        if name == "pallas":
+            from dsla_jax.ops.dsla.pallas import dsla_attention_pallas
+
+            return lambda q, k, v, g1, g2, mix, s0: dsla_attention_pallas(
+                q, k, v, g1, g2, mix, scale=scale, initial_state=s0, chunk_size=chunk_size
+            )
         if name == "naive":
             return lambda q, k, v, g1, g2, mix, s0: naive_dsla(q, k, v, g1, g2, mix, scale=scale, initial_state=s0)
         fn = _CHUNKED[XLA_DEFAULT if name == "xla" else name]
@@ -95,7 +98,7 @@ def dsla_attention(
         )
 
     if impl == "auto":
-        value_impl, grad_impl = auto_impls()
+        value_impl, grad_impl = auto_impls(has_pallas=True)
         fn = run(value_impl) if value_impl == grad_impl else value_and_grad_from(run(value_impl), run(grad_impl))
     else:
         fn = run(impl)
