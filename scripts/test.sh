@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
-# Run the test suite (creates .venv on first use). Extra arguments go to pytest.
+# Lint, then run the test suite (creates .venv on first use). Extra arguments go to pytest.
 source "$(dirname "$0")/env.sh"
+ruff check dsla_jax train eval bench tests
 python -m pytest -q "$@"

@@ -35,7 +35,16 @@ def test_missing_text_and_batch_file(tmp_path):
 def test_prompt_past_the_context_and_a_real_run(smollm2_path, tmp_path, corpus_valid):
     _fails(generate_cli.main, ["--prompt", "hi", "--max-new-tokens", "9000"], "exceeds the model's context of 8192")
     out = tmp_path / "p.json"
-    argv = ["--text", str(corpus_valid / "hamlet_gut.txt"), "--max-tokens", "600", "--window", "256", "--json", str(out)]
+    argv = [
+        "--text",
+        str(corpus_valid / "hamlet_gut.txt"),
+        "--max-tokens",
+        "600",
+        "--window",
+        "256",
+        "--json",
+        str(out),
+    ]
     assert perplexity_cli.main(argv) == 0
     result = json.loads(out.read_text())
     assert result["windows"] == 3 and result["tokens"] == 255 + 255 + 87 and 1 < result["ppl"] < 1000

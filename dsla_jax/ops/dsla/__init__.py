@@ -83,6 +83,7 @@ def dsla_attention(
     s0 = tuple(zeros if s is None else s.astype(jnp.float32) for s in (s01, s02))
     if T == 0:
         return jnp.zeros((B, 0, H, V), q.dtype), s0
+
     def run(name: str):
         if name == "pallas":
             from dsla_jax.ops.dsla.pallas import dsla_attention_pallas
