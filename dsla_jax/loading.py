@@ -8,7 +8,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from dsla_jax.checkpoints import load_checkpoint
-from dsla_jax.checkpoints.dsla_params import check_compatible, layers_in, load_dsla_params
+from dsla_jax.checkpoints.dsla_params import check_compatible, layers_in, load_dsla_params, load_shared_tensors
 from dsla_jax.config import parse_layers
 from dsla_jax.models.llama import Llama
 from dsla_jax.models.weights import load_llama
@@ -44,7 +44,7 @@ def load_model(
     if dsla_params is not None:
         meta, tensors = load_dsla_params(dsla_params)
         check_compatible(meta, config, dsla_params)
-        state_dict = {**state_dict, **tensors}
+        state_dict = {**state_dict, **load_shared_tensors(dsla_params), **tensors}
         layers |= set(layers_in(tensors))
         grouped = bool(meta.get("dsla_grouped", grouped))
     if dsla_grouped is not None:

@@ -161,3 +161,27 @@ def test_layer_specs():
         parse_layers("1,7", 4)
     with pytest.raises(ConfigError, match="bad layer spec 'x'"):
         parse_layers("x", 4)
+
+
+def test_load_model_with_dsla_params_and_shared_tensors(base, tmp_path, smollm2_path):
+    """`load_model(..., dsla_params=DIR)` (what every CLI's --dsla-params does) applies DSLA and shared tensors."""
+    from safetensors.numpy import save_file
+
+    from dsla_jax.checkpoints import save_hf
+    from dsla_jax.checkpoints.dsla_params import SHARED_FILE, save_dsla_params
+    from dsla_jax.loading import load_model
+    from dsla_jax.tokenizer import load_tokenizer
+
+    config, sd = base
+    base_dir = save_hf(tmp_path / "base", config, sd, tokenizer_dir_files=load_tokenizer(smollm2_path).to_files())
+    model = _hybrid(base, (3,))
+    model.layers[3].self_attn.alpha.set_value(jnp.asarray([1.0, -1.0]))
+    ckpt = save_dsla_params(tmp_path / "dsla", dsla_state_dict(model), model.config, base_model=str(base_dir))
+    trained_mlp = {"model.layers.3.mlp.up_proj.weight": sd["model.layers.3.mlp.up_proj.weight"] * 1.5}
+    save_file(trained_mlp, str(ckpt / SHARED_FILE))
+    loaded, _ = load_model(base_dir, dsla_params=ckpt)
+    assert loaded.config.dsla_layers == (3,)
+    np.testing.assert_array_equal(np.asarray(loaded.layers[3].self_attn.alpha[...]), [1.0, -1.0])
+    np.testing.assert_allclose(
+        np.asarray(loaded.layers[3].mlp.up_proj.kernel[...]).T, trained_mlp["model.layers.3.mlp.up_proj.weight"]
+    )

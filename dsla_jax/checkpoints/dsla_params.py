@@ -3,6 +3,7 @@
 A directory holding
     dsla.safetensors    tensors `model.layers.{i}.self_attn.dsla.*` (HF layout: linear weights [out, in])
     dsla_config.json    {"dsla_layers": [...], "dsla_grouped": bool, "base_model": str, "base_config": {...}, ...}
+    shared.safetensors  (optional) base-model tensors that training changed as well, HF names
 `base_config` holds the architecture keys of the model the layers were trained on; loading onto another model fails.
 """
 
@@ -26,6 +27,8 @@ from dsla_jax.config import LlamaConfig
 
 PARAMS_FILE = "dsla.safetensors"
 META_FILE = "dsla_config.json"
+# Optional: base-model tensors (HF names) that training changed too, e.g. MLPs or norms of converted layers.
+SHARED_FILE = "shared.safetensors"
 _KEY = re.compile(r"model\.layers\.(\d+)\.self_attn\.dsla\.[A-Za-z0-9_.]+")
 ARCH_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
 
@@ -87,6 +90,12 @@ def load_dsla_params(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     if bad:
         raise CheckpointError(f"{path / PARAMS_FILE} holds tensors that are not DSLA parameters: {bad[:4]}")
     return meta, tensors
+
+
+def load_shared_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The optional `shared.safetensors` of a DSLA checkpoint directory ({} when absent)."""
+    shared = Path(path) / SHARED_FILE
+    return read_safetensors(shared) if shared.is_file() else {}
 
 
 def check_compatible(meta: Mapping[str, Any], config: LlamaConfig, source: object) -> None:

@@ -25,18 +25,15 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
-from dsla_jax.checkpoints import load_checkpoint
-from dsla_jax.checkpoints.dsla_params import check_compatible, layers_in, load_dsla_params, save_dsla_params
+from dsla_jax.checkpoints.dsla_params import SHARED_FILE, load_dsla_params, save_dsla_params
 from dsla_jax.config import LlamaConfig
-from dsla_jax.loading import parse_dtype
+from dsla_jax.loading import load_model
 from dsla_jax.models.llama import Llama
-from dsla_jax.models.weights import load_llama
-from dsla_jax.tokenizer import Tokenizer, load_tokenizer
+from dsla_jax.tokenizer import Tokenizer
 
 FORMAT = 1
-SHARED_FILE = "shared.safetensors"
 
 
 class CheckpointMismatch(ValueError):
@@ -137,11 +134,5 @@ def write_distilled(
 
 def load_distilled(directory: str | Path, *, dtype: str = "float32") -> tuple[Llama, Tokenizer]:
     """The hybrid a distillation wrote to `directory` (its base model + DSLA tensors + shared tensors, if any)."""
-    directory = Path(directory)
-    meta, tensors = load_dsla_params(directory)
-    config, state_dict = load_checkpoint(meta["base_model"])
-    check_compatible(meta, config, directory)
-    shared = directory / SHARED_FILE
-    state_dict = {**state_dict, **tensors, **(load_file(str(shared)) if shared.is_file() else {})}
-    config = config.replace(dsla_layers=layers_in(tensors), dsla_grouped=bool(meta.get("dsla_grouped", True)))
-    return load_llama(config, state_dict, dtype=parse_dtype(dtype)), load_tokenizer(meta["base_model"])
+    meta, _ = load_dsla_params(directory)
+    return load_model(meta["base_model"], dtype=dtype, dsla_params=directory)
