@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _assert_close import assert_close, tol
+from _dsla_inputs import random_dsla_inputs
 
 from dsla_jax.ops.dsla import XLA_DEFAULT, dsla_attention, dsla_decode_step
 from dsla_jax.ops.dsla.chunk import chunk_dsla_fused, chunk_dsla_two
@@ -35,32 +36,8 @@ def fast_jit(fn, static_argnames=()):
     return call
 
 
-def make_gates(key, shape, kind: str) -> jax.Array:
-    if kind == "strong":  # down to -50 per token: exp(cumsum) under/overflows within a chunk
-        return jax.random.uniform(key, shape, minval=-50.0, maxval=0.0)
-    if kind == "weak":  # near 0: long memory
-        return jax.random.uniform(key, shape, minval=-1e-3, maxval=0.0)
-    if kind == "logsig":  # log-sigmoid / 16 of normal, as GLA-style gates
-        return jax.nn.log_sigmoid(jax.random.normal(key, shape)) / 16
-    if kind == "mixed":  # per-token mixture of strong and weak gates
-        k1, k2 = jax.random.split(key)
-        strong = jax.random.uniform(k1, shape, minval=-50.0, maxval=0.0)
-        return jnp.where(jax.random.bernoulli(k2, 0.3, shape), strong, strong * 1e-4)
-    raise ValueError(kind)
-
-
 def make_inputs(seed: int, B: int, T: int, H: int, Hk: int, D: int, dtype, gates=("strong", "weak"), init=True):
-    ks = jax.random.split(jax.random.key(seed), 9)
-    q = jax.random.normal(ks[0], (B, T, H, D)).astype(dtype)
-    k = (jax.random.normal(ks[1], (B, T, Hk, D)) * D**-0.5).astype(dtype)
-    v = jax.random.normal(ks[2], (B, T, Hk, D)).astype(dtype)
-    g1 = make_gates(ks[3], (B, T, Hk, D), gates[0]).astype(dtype)
-    g2 = make_gates(ks[4], (B, T, Hk, D), gates[1]).astype(dtype)
-    mix = jax.nn.softmax(jax.random.normal(ks[5], (2,)))
-    s0 = None
-    if init:
-        s0 = (jax.random.normal(ks[6], (B, Hk, D, D)), jax.random.normal(ks[7], (B, Hk, D, D)))
-    return q, k, v, g1, g2, mix, s0
+    return random_dsla_inputs(seed, B, T, H, Hk, D, D, dtype, gates, init)
 
 
 def _run(q, k, v, g1, g2, mix, s0, impl, chunk_size=64):

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _dsla_inputs import make_gates as shared_make_gates
+from _dsla_inputs import random_dsla_inputs
 from jax.experimental.pallas import tpu as pltpu
 
 from dsla_jax.ops.dsla.pallas import dsla_attention_pallas, dsla_decode_step_pallas
@@ -74,31 +76,11 @@ def assert_close(name: str, ref, out, rtol: float) -> None:
 
 
 def make_gates(key, shape, kind: str) -> jax.Array:
-    if kind == "strong":  # uniform in [-50, 0]: chunk decay ranges of thousands, the exact intra-chunk path
-        return jax.random.uniform(key, shape, minval=-50.0, maxval=0.0)
-    if kind == "logsig":  # GLA-style log-sigmoid / 16: the matmul path
-        return jax.nn.log_sigmoid(jax.random.normal(key, shape)) / 16
-    if kind == "mixed":  # per token strong or weak: both paths, chunk by chunk
-        k1, k2 = jax.random.split(key)
-        strong = jax.random.uniform(k1, shape, minval=-50.0, maxval=0.0)
-        return jnp.where(jax.random.bernoulli(k2, 0.1, shape), strong, strong * 1e-3)
-    if kind == "min":  # every gate at the bound -50
-        return jnp.full(shape, -50.0)
-    raise ValueError(kind)
+    return shared_make_gates(key, shape, kind, strong_fraction=0.1, weak_scale=1e-3)
 
 
 def make_inputs(seed, B, T, H, Hk, K, V, dtype, gates=("strong", "logsig"), init=True):
-    ks = jax.random.split(jax.random.key(seed), 8)
-    q = jax.random.normal(ks[0], (B, T, H, K)).astype(dtype)
-    k = (jax.random.normal(ks[1], (B, T, Hk, K)) * K**-0.5).astype(dtype)
-    v = jax.random.normal(ks[2], (B, T, Hk, V)).astype(dtype)
-    g1 = make_gates(ks[3], (B, T, Hk, K), gates[0]).astype(dtype)
-    g2 = make_gates(ks[4], (B, T, Hk, K), gates[1]).astype(dtype)
-    mix = jax.nn.softmax(jax.random.normal(ks[5], (2,)))
-    s0 = None
-    if init:
-        s0 = (jax.random.normal(ks[6], (B, Hk, K, V)), jax.random.normal(ks[7], (B, Hk, K, V)))
-    return q, k, v, g1, g2, mix, s0
+    return random_dsla_inputs(seed, B, T, H, Hk, K, V, dtype, gates, init, strong_fraction=0.1, weak_scale=1e-3)
 
 
 def pallas_fn(backend, chunk, config=None, interpret=None):
