@@ -103,3 +103,16 @@ def test_wrong_shape_names_the_tensor():
     del sd["model.layers.1.self_attn.k_proj.weight"]
     with pytest.raises(ValueError, match="no tensor 'model.layers.1.self_attn.k_proj.weight'"):
         load_llama(config, sd)
+
+
+@pytest.mark.parametrize("t", [5, 48, 50])
+def test_query_blocked_attention_equals_one_block(t):
+    from dsla_jax.layers.attention import grouped_attention
+
+    rs = np.random.RandomState(t)
+    q = jnp.asarray(rs.randn(2, t, 4, 8), jnp.float32)
+    k, v = (jnp.asarray(rs.randn(2, 64, 2, 8), jnp.float32) for _ in range(2))
+    mask = jnp.asarray(rs.rand(2, t, 64) > 0.3)
+    whole = grouped_attention(q, k, v, mask, scale=0.3, block_q=4096)
+    blocked = grouped_attention(q, k, v, mask, scale=0.3, block_q=16)
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(whole), atol=1e-6)

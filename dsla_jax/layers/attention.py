@@ -15,12 +15,30 @@ from dsla_jax.layers.rope import apply_rope
 KVCache = dict[str, jax.Array]  # {"k": [B, S, Hk, D], "v": [B, S, Hk, D]}
 
 
-def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float) -> jax.Array:
+QUERY_BLOCK = 512
+
+
+def grouped_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float, block_q: int = QUERY_BLOCK
+) -> jax.Array:
     """Softmax attention where H query heads share Hk key/value heads (query head h reads kv head h // (H // Hk)).
 
     q: [B, T, H, D]; k, v: [B, S, Hk, D]; mask: [B, T, S] bool (True = may attend) -> [B, T, H, D] in q's dtype.
     Scores and softmax in float32. A query row with no allowed key gets a finite (uniform) output, never NaN.
+    Queries go in blocks of `block_q` (a `lax.map`), so scores take [B, H, block_q, S] at a time, not [B, H, T, S].
     """
+    b, t, h, d = q.shape
+    if t <= block_q:
+        return _attend(q, k, v, mask, scale)
+    n = -(-t // block_q)
+    pad = n * block_q - t
+    qb = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, block_q, h, d).swapaxes(0, 1)
+    mb = jnp.pad(mask, ((0, 0), (0, pad), (0, 0))).reshape(b, n, block_q, -1).swapaxes(0, 1)
+    out = jax.lax.map(lambda qm: _attend(qm[0], k, v, qm[1], scale), (qb, mb))
+    return out.swapaxes(0, 1).reshape(b, n * block_q, h, d)[:, :t]
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
     b, t, h, d = q.shape
     hk = k.shape[2]
     qg = q.reshape(b, t, hk, h // hk, d)
