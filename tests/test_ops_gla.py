@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 from _assert_close import assert_close, tol
-from test_ops_dsla import case_id, fast_jit, make_gates
+from _dsla_inputs import make_gates
+from test_ops_dsla import case_id, fast_jit
 
 from dsla_jax.ops.gla import gla_attention, gla_decode_step
 from dsla_jax.ops.gla.chunk import cumsum_hi_lo
