@@ -22,17 +22,7 @@ import numpy as np
 from dsla_jax.data.builtin import resolve_text
 from dsla_jax.generate import Generator, SamplingParams
 from dsla_jax.loading import add_model_args, load_from_args
-
-
-def _hf_model(spec: str):
-    import transformers
-
-    from dsla_jax.checkpoints import resolve_model_path
-
-    path = resolve_model_path(spec)
-    if path.suffix == ".gguf":
-        return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32")
-    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype="float32")
+from eval.hf_reference import load_hf_model
 
 
 def time_hf(hf, ids: np.ndarray, new_tokens: int, repeats: int) -> dict:
@@ -96,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     name = f"dsla-jax ({len(model.config.dsla_layers)} DSLA layers)"
     rows = {name: time_jax(Generator(model), ids, args.new_tokens, args.repeats)}
     if not args.no_hf:
-        rows["transformers generate (torch)"] = time_hf(_hf_model(args.model), ids, args.new_tokens, args.repeats)
+        rows["transformers generate (torch)"] = time_hf(load_hf_model(args.model), ids, args.new_tokens, args.repeats)
     print(
         f"\nB={args.batch} prompt={args.prompt_tokens} new={args.new_tokens} float32 greedy, "
         f"{jax.devices()[0].device_kind} ({platform.processor() or platform.machine()})"

@@ -44,8 +44,6 @@ def smollm2(smollm2_path):
 @pytest.fixture(scope="session")
 def smollm2_hf(smollm2_path):
     """transformers' own GGUF loading of the same file (float32, eval): the independent oracle."""
-    import transformers
+    from eval.hf_reference import load_hf_model
 
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype="float32"
-    ).eval()
+    return load_hf_model(str(smollm2_path))

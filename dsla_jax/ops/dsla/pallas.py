@@ -24,7 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dsla_jax.ops.utils import check_gla_shapes, check_mix, resolve_scale
+from dsla_jax.ops.utils import check_gla_shapes, check_mix, pad_time, resolve_scale
 
 f32 = jnp.float32
 BACKENDS = ("gpu", "tpu")
@@ -54,15 +54,6 @@ def _check_chunk(chunk_size: int) -> None:
 def _expand_heads(x: jax.Array, G: int, axis: int) -> jax.Array:
     """Repeat kv heads for their G query heads (query head h reads kv head h // G)."""
     return x if G == 1 else jnp.repeat(x, G, axis=axis)
-
-
-def _pad_time(x: jax.Array, T_pad: int) -> jax.Array:
-    extra = T_pad - x.shape[1]
-    if extra == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[1] = (0, extra)
-    return jnp.pad(x, widths)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,8 +275,8 @@ def dsla_attention_pallas(
         T_pad = cfg.chunk * math.ceil(T / cfg.chunk)
 
     dt = q.dtype
-    k, v, g1, g2 = (_expand_heads(_pad_time(x.astype(dt), T_pad), G, 2) for x in (k, v, g1, g2))
-    q = _pad_time(q, T_pad)
+    k, v, g1, g2 = (_expand_heads(pad_time(x.astype(dt), T_pad), G, 2) for x in (k, v, g1, g2))
+    q = pad_time(q, T_pad)
     h0 = _expand_heads(h0, G, 1).reshape(B * H, 2, K, V)
     core = _core(backend, scale, cfg, P, interpret)
     o, s_T = core(q, k, v, g1, g2, mix.astype(f32), h0)
