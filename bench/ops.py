@@ -5,9 +5,11 @@
     python -m bench.ops --shapes 1,8,64,2048     # B,H,D,T (several separated by ';')
     python -m bench.ops --variants               # also time both chunked forms (xla_fused, xla_two) and auto
     python -m bench.ops --tune --shapes ...      # sweep chunk/sub-chunk/block/unroll of the chunked path (last shape)
+    python -m bench.ops --precision high         # matmul precision of the chunked path (default: utils.MATMUL_PRECISION)
 
-Each row: wall time (median of --repeats runs after one warm-up, block_until_ready), compile time, and the peak
-temporary memory of the compiled executable (`memory_analysis().temp_size_in_bytes`, no run needed). Softmax
+Each row: wall time (median of --repeats runs after one warm-up, block_until_ready), compile time, the peak
+temporary memory of the compiled executable (`memory_analysis().temp_size_in_bytes`, no run needed) and, for
+forward rows, the RMS error relative to the token loop's output on the same inputs (`err`). Softmax
 attention is `jax.nn.dot_product_attention(..., is_causal=True, implementation="xla")` at the same shapes. Inputs have
 Hk = H and K = V = D; gates are log-sigmoid/16 of normals. Runs whose naive backward would hold T states per head can
 be skipped above a length (--skip-naive-bwd-above T): their memory is still reported from the compile.
@@ -29,10 +31,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from dsla_jax.ops import utils
 from dsla_jax.ops.dsla import dsla_attention
 from dsla_jax.ops.dsla.chunk import chunk_dsla_fused, chunk_dsla_two
 
 CPU_SHAPES = [(1, 8, 64, 512), (1, 8, 64, 2048), (1, 8, 64, 8192)]
+PRECISIONS = {
+    "highest": jax.lax.Precision.HIGHEST,
+    "high": jax.lax.Precision.HIGH,
+    "default": jax.lax.Precision.DEFAULT,
+}
 GPU_SHAPES = [(1, 32, 128, 2048), (1, 32, 128, 8192)]
 
 
@@ -107,18 +115,31 @@ def measure(fn: Callable, args: tuple, repeats: int, run: bool = True) -> dict[s
     return out
 
 
+def rel_rms(x: jax.Array, ref: jax.Array) -> float:
+    """RMS of x - ref over RMS of ref, in float32."""
+    x, ref = x.astype(jnp.float32), ref.astype(jnp.float32)
+    return float(jnp.sqrt(jnp.mean((x - ref) ** 2) / jnp.mean(ref**2)))
+
+
 def bench_shape(shape, dtype, repeats: int, impls: list[str], skip_naive_bwd_above: int | None) -> list[dict]:
     B, H, D, T = shape
     x = make_inputs(B, H, D, T, dtype)
     dsla_args = (x["q"], x["k"], x["v"], x["g1"], x["g2"], x["mix"])
     rows = []
+    reference = None
     for impl in impls:
         fwd, grad = dsla_fns(impl)
         for mode, fn, args in (("fwd", fwd, dsla_args), ("fwd+bwd", grad, (*dsla_args, x["ct"]))):
             skip = impl == "naive" and mode == "fwd+bwd" and skip_naive_bwd_above is not None
             skip = skip and T > skip_naive_bwd_above
             row = dict(op="dsla", impl=impl, mode=mode, B=B, H=H, D=D, T=T)
-            rows.append(dict(**row, **measure(fn, args, repeats, not skip)))
+            row.update(measure(fn, args, repeats, not skip))
+            if mode == "fwd":
+                out = jax.jit(fn)(*args)
+                if impl == "naive":
+                    reference = out
+                row["err"] = None if reference is None else rel_rms(out, reference)
+            rows.append(row)
             print(fmt_row(rows[-1]), flush=True)
     fwd, grad = softmax_fns()
     qkv = (x["q"], x["k"], x["v"])
@@ -155,16 +176,17 @@ def tune(shape, dtype, repeats: int) -> list[dict]:
 
 HEADER = (
     f"{'op':8s} {'impl':26s} {'mode':8s} {'B':>2s} {'H':>3s} {'D':>4s} {'T':>6s} "
-    f"{'time ms':>10s} {'temp MiB':>10s} {'compile s':>9s}"
+    f"{'time ms':>10s} {'temp MiB':>10s} {'compile s':>9s} {'err':>8s}"
 )
 
 
 def fmt_row(r: dict) -> str:
     t = "skipped" if r["time_ms"] is None else f"{r['time_ms']:.1f}"
     m = "?" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.1f}"
+    e = "" if r.get("err") is None else f"{r['err']:.1e}"
     return (
         f"{r['op']:8s} {r['impl']:26s} {r['mode']:8s} {r['B']:2d} {r['H']:3d} {r['D']:4d} {r['T']:6d} "
-        f"{t:>10s} {m:>10s} {r['compile_s']:9.2f}"
+        f"{t:>10s} {m:>10s} {r['compile_s']:9.2f} {e:>8s}"
     )
 
 
@@ -201,9 +223,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--variants", action="store_true", help="also time xla_fused, xla_two and auto")
     p.add_argument("--tune", action="store_true", help="sweep the chunked path's sizes instead")
+    p.add_argument(
+        "--precision",
+        default=None,
+        choices=sorted(PRECISIONS),
+        help="matmul precision of the chunked path on this backend (default: utils.MATMUL_PRECISION)",
+    )
     args = p.parse_args(argv)
 
     backend = jax.default_backend()
+    if args.precision:
+        utils.MATMUL_PRECISION[backend] = PRECISIONS[args.precision]
     dev = jax.devices()[0]
     dtype = jnp.dtype(args.dtype or ("float32" if backend == "cpu" else "bfloat16"))
     shapes = args.shapes or (CPU_SHAPES if backend == "cpu" else GPU_SHAPES)
@@ -215,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         jax=jax.__version__,
         machine=platform.machine(),
         dtype=dtype.name,
+        precision=str(utils.matmul_precision()),
     )
     print(" ".join(f"{k}={v}" for k, v in info.items()))
     print(HEADER)
