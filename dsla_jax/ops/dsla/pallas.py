@@ -61,18 +61,39 @@ def _expand_heads(x: jax.Array, G: int, axis: int) -> jax.Array:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _chain(h0, s_loc, decay):
+    """States entering each segment [B * H, P, 2, K, V] from the initial ones and the first P - 1 summaries:
+    s_in[p + 1] = decay[p] * s_in[p] + s_loc[p] (decay [B * H, P - 1, 2, K], per key channel)."""
+    s_in = [h0]
+    for p in range(s_loc.shape[1]):
+        s_in.append(decay[:, p][..., None] * s_in[-1] + s_loc[:, p])
+    return jnp.stack(s_in, axis=1)
+
+
 def _gpu_fwd(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret):
-    """Forward on the padded, head-expanded problem. h0: [B * H, 2, K, V]. Returns (o, s_T, s_in)."""
+    """Forward on the padded, head-expanded problem. h0: [B * H, 2, K, V]. Returns (o, s_T, s_in).
+
+    cfg.fwd == "split": `fwd_intra_gpu` (every chunk in parallel) -> segment summaries from its kd, exp(bL) ->
+    `fwd_rec_gpu` (loads and matmuls per chunk). "fused": `seg_states_gpu` -> `fwd_gpu` (all per-chunk work in the
+    sequential loop).
+    """
     from dsla_jax.ops.dsla import pallas_gpu as kg
 
     BH = h0.shape[0]
+    if cfg.fwd == "split":
+        qd, kd, ebl, oi = kg.fwd_intra_gpu(q, k, v, g1, g2, w, scale=scale, cfg=cfg, interpret=interpret)
+        if P > 1:
+            s_loc, dec = kg.seg_states_split_gpu(kd, ebl, v, P=P, count=P - 1, cfg=cfg, interpret=interpret)
+            s_in = _chain(h0, s_loc, dec[:, :, 0])
+        else:
+            s_in = h0.reshape(BH, 1, *h0.shape[1:])
+        o, s_T = kg.fwd_rec_gpu(qd, kd, ebl, v, oi, s_in, cfg=cfg, P=P, interpret=interpret)
+        return o.astype(q.dtype), s_T[:, P - 1], s_in
+    if cfg.fwd != "fused":
+        raise ValueError(f"GpuConfig.fwd must be 'split' or 'fused', got {cfg.fwd!r}")
     if P > 1:
         s_loc, dec = kg.seg_states_gpu(k, v, g1, g2, P=P, first=0, count=P - 1, cfg=cfg, interpret=interpret)
-        dec = dec[:, :, 0]
-        s_in = [h0]
-        for p in range(P - 1):
-            s_in.append(jnp.exp(dec[:, p])[..., None] * s_in[-1] + s_loc[:, p])
-        s_in = jnp.stack(s_in, axis=1)
+        s_in = _chain(h0, s_loc, jnp.exp(dec[:, :, 0]))
     else:
         s_in = h0.reshape(BH, 1, *h0.shape[1:])
     o, s_T = kg.fwd_gpu(q, k, v, g1, g2, w, s_in, scale=scale, cfg=cfg, P=P, interpret=interpret)

@@ -60,7 +60,12 @@ class GpuConfig:
         chunk: BT, tokens per chunk (power of two, >= 16).
         block_v: BV, value tile of the forward kernels (power of two dividing V).
         num_segments: P, sequence segments run in parallel (None: chosen from B * H, see `pick_segments`).
-        num_warps, num_stages: Triton launch parameters of the forward kernels.
+        num_warps, num_stages: Triton launch parameters of the forward kernels (of the split form: the segment and
+            recurrent kernels).
+        fwd: "split" (a parallel intra-chunk kernel, then a recurrent kernel of loads and matmuls only; see
+            `fwd_split_gpu`) or "fused" (one sequential kernel does all per-chunk work; `fwd_gpu`).
+        split_dtype: storage of the split form's decayed queries and keys: "float32" or "bfloat16".
+        intra_num_warps, intra_num_stages: Triton launch parameters of the split form's intra-chunk kernel.
         bwd_chunk, bwd_num_warps, bwd_num_stages: the same for the backward kernels (bwd_chunk divides chunk).
         state_dot: operand precision of the matmuls with a state: "tf32", "bf16" or "ieee" (float32 exact).
         intra_dot: operand precision of the intra-chunk matmuls (scores and scores @ v).
@@ -78,6 +83,10 @@ class GpuConfig:
     state_dot: str = "tf32"
     intra_dot: str = "tf32"
     thresh: float = THRESH
+    fwd: str = "split"
+    split_dtype: str = "float32"
+    intra_num_warps: int = 4
+    intra_num_stages: int = 1
 
 
 def pick_segments(batch_heads: int, num_chunks: int, v_tiles: int, target_programs: int = 264) -> int:
@@ -441,6 +450,161 @@ def seg_states_gpu(
         interpret=interpret,
         name="dsla_seg_states_rev" if reverse else "dsla_seg_states",
     )(x, y, g1, g2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Split forward (v5): a parallel intra-chunk kernel, a segment pass and a recurrent kernel of loads and matmuls
+# ----------------------------------------------------------------------------------------------------------------
+
+SPLIT_DTYPES = {"float32": f32, "bfloat16": jnp.bfloat16}
+
+
+def _intra_kernel(w_ref, q_ref, k_ref, v_ref, g1_ref, g2_ref, qd_ref, kd_ref, ebl_ref, oi_ref, *, H, BT, scale, nm):
+    bh, n = pl.program_id(0), pl.program_id(1)
+    b, h = lax.div(bh, H), lax.rem(bh, H)  # non-negative: no floor-division selects
+    ts = pl.ds(n * BT, BT)
+    q = q_ref[b, ts, h, :].astype(f32)  # [BT, K]
+    k = k_ref[b, ts, h, :].astype(f32)
+    w1, w2 = w_ref[0] * scale, w_ref[1] * scale
+    qd1, kd1, a1, bL1 = _fwd_terms(q, k, g1_ref[b, ts, h, :].astype(f32), nm)
+    qd2, kd2, a2, bL2 = _fwd_terms(q, k, g2_ref[b, ts, h, :].astype(f32), nm)
+    oi_ref[bh, ts, :] = _mm(a1 * w1 + a2 * w2, v_ref[b, ts, h, :].astype(f32), nm.intra_dot)  # [BT, V]
+    qd_ref[0, bh, ts, :] = (qd1 * w1).astype(qd_ref.dtype)
+    qd_ref[1, bh, ts, :] = (qd2 * w2).astype(qd_ref.dtype)
+    kd_ref[0, bh, ts, :] = kd1.astype(kd_ref.dtype)
+    kd_ref[1, bh, ts, :] = kd2.astype(kd_ref.dtype)
+    ebl_ref[0, bh, n, :] = jnp.exp(bL1)
+    ebl_ref[1, bh, n, :] = jnp.exp(bL2)
+
+
+def fwd_intra_gpu(q, k, v, g1, g2, w, *, scale: float, cfg: GpuConfig, interpret=False):
+    """Everything of the forward that does not depend on the carried states, for every chunk in parallel.
+
+    Per chunk and state s (b its chunk-local inclusive gate cumsum, bL the last row): the intra-chunk scores by the
+    fast / exact paths of `_fwd_terms` (the same numerics as the fused kernel), mixed and applied to v.
+
+    Args:
+        q, k, g1, g2: [B, T, H, K] (T a multiple of chunk); v: [B, T, H, V]; w: [2] float32 mix.
+
+    Returns:
+        qd [2, B * H, T, K] = scale * w_s * q * exp(b_s), kd [2, B * H, T, K] = k * exp(bL_s - b_s) (both in
+        `cfg.split_dtype`), ebl [2, B * H, N, K] = exp(bL_s) and o_intra [B * H, T, V] = scale * sum_s w_s A_s v
+        (float32), N = T / chunk. Heads-major: the recurrent kernel reads contiguous [BT, *] blocks.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    BT = cfg.chunk
+    N = T // BT
+    sdt = SPLIT_DTYPES[cfg.split_dtype]
+    kernel = functools.partial(_intra_kernel, H=H, BT=BT, scale=scale, nm=_numerics(cfg))
+    return pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((2, B * H, T, K), sdt),
+            jax.ShapeDtypeStruct((2, B * H, T, K), sdt),
+            jax.ShapeDtypeStruct((2, B * H, N, K), f32),
+            jax.ShapeDtypeStruct((B * H, T, V), f32),
+        ),
+        grid=(B * H, N),
+        compiler_params=_compiler_params(cfg.intra_num_warps, cfg.intra_num_stages, interpret),
+        interpret=interpret,
+        name="dsla_fwd_intra",
+    )(w, q, k, v, g1, g2)
+
+
+def _rec_kernel(qd_ref, kd_ref, ebl_ref, v_ref, oi_ref, sin_ref, o_ref, sout_ref, *, H, BT, BV, NC, sd):
+    bh, p, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, h = lax.div(bh, H), lax.rem(bh, H)  # non-negative: no floor-division selects
+    vs = pl.ds(iv * BV, BV)
+
+    def body(n, carry):  # loads and four matmuls; no exponentials
+        s1, s2 = carry
+        c = p * NC + n
+        ts = pl.ds(c * BT, BT)
+        v = v_ref[b, ts, h, vs].astype(f32)  # [BT, BV]
+        o = oi_ref[bh, ts, vs] + _mm(qd_ref[0, bh, ts, :], s1, sd) + _mm(qd_ref[1, bh, ts, :], s2, sd)
+        o_ref[b, ts, h, vs] = o.astype(o_ref.dtype)
+        s1 = ebl_ref[0, bh, c, :][:, None] * s1 + _mm(kd_ref[0, bh, ts, :], v, sd, ta=True)
+        s2 = ebl_ref[1, bh, c, :][:, None] * s2 + _mm(kd_ref[1, bh, ts, :], v, sd, ta=True)
+        return s1, s2
+
+    s1, s2 = lax.fori_loop(0, NC, body, (sin_ref[bh, p, 0, :, vs], sin_ref[bh, p, 1, :, vs]))
+    sout_ref[bh, p, 0, :, vs] = s1  # every segment writes (no `pl.when`); the caller keeps the last
+    sout_ref[bh, p, 1, :, vs] = s2
+
+
+def fwd_rec_gpu(qd, kd, ebl, v, oi, s_in, *, cfg: GpuConfig, P: int, interpret=False):
+    """The state recurrence of the split forward: per chunk o = o_intra + qd_1 S_1 + qd_2 S_2 and
+    S_s <- diag(exp(bL_s)) S_s + kd_s^T v, from the states entering each segment (all segments in parallel).
+
+    Args:
+        qd, kd, ebl, oi: `fwd_intra_gpu`'s outputs; v: [B, T, H, V]; s_in: [B * H, P, 2, K, V] float32.
+
+    Returns:
+        o [B, T, H, V] in v's dtype and each segment's final states [B * H, P, 2, K, V] float32.
+    """
+    B, T, H, V = v.shape
+    K = qd.shape[-1]
+    BT, BV = cfg.chunk, min(cfg.block_v, V)
+    NC = T // (P * BT)
+    kernel = functools.partial(_rec_kernel, H=H, BT=BT, BV=BV, NC=NC, sd=cfg.state_dot)
+    return pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((B, T, H, V), v.dtype), jax.ShapeDtypeStruct((B * H, P, 2, K, V), f32)),
+        grid=(B * H, P, V // BV),
+        compiler_params=_compiler_params(cfg.num_warps, cfg.num_stages, interpret),
+        interpret=interpret,
+        name="dsla_fwd_rec",
+    )(qd, kd, ebl, v, oi, s_in)
+
+
+def _seg_split_kernel(kd_ref, ebl_ref, v_ref, s_ref, d_ref, *, H, BT, BV, NC, sd):
+    bh, p, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, h = lax.div(bh, H), lax.rem(bh, H)  # non-negative: no floor-division selects
+    vs = pl.ds(iv * BV, BV)
+    K = kd_ref.shape[-1]
+
+    def body(n, carry):
+        s1, s2, d1, d2 = carry
+        c = p * NC + n
+        ts = pl.ds(c * BT, BT)
+        v = v_ref[b, ts, h, vs].astype(f32)
+        e1, e2 = ebl_ref[0, bh, c, :], ebl_ref[1, bh, c, :]
+        s1 = e1[:, None] * s1 + _mm(kd_ref[0, bh, ts, :], v, sd, ta=True)
+        s2 = e2[:, None] * s2 + _mm(kd_ref[1, bh, ts, :], v, sd, ta=True)
+        return s1, s2, d1 * e1, d2 * e2
+
+    z, one = jnp.zeros((K, BV), f32), jnp.ones((K,), f32)
+    s1, s2, d1, d2 = lax.fori_loop(0, NC, body, (z, z, one, one))
+    s_ref[bh, p, 0, :, vs] = s1
+    s_ref[bh, p, 1, :, vs] = s2
+    d_ref[bh, p, iv, 0, :] = d1  # the same for every value tile; the caller keeps tile 0
+    d_ref[bh, p, iv, 1, :] = d2
+
+
+def seg_states_split_gpu(kd, ebl, v, *, P: int, count: int, cfg: GpuConfig, interpret=False):
+    """Per-segment state summaries from zero for segments 0 .. count - 1, from `fwd_intra_gpu`'s kd and ebl.
+
+    Returns:
+        summaries [B * H, count, 2, K, V] and total decays (products of exp(bL), not logs) [B * H, count, nv, 2, K],
+        both float32 (nv = V / BV value tiles, all equal).
+    """
+    B, T, H, V = v.shape
+    K = kd.shape[-1]
+    BT, BV = cfg.chunk, min(cfg.block_v, V)
+    NC = T // (P * BT)
+    kernel = functools.partial(_seg_split_kernel, H=H, BT=BT, BV=BV, NC=NC, sd=cfg.state_dot)
+    return pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((B * H, count, 2, K, V), f32),
+            jax.ShapeDtypeStruct((B * H, count, V // BV, 2, K), f32),
+        ),
+        grid=(B * H, count, V // BV),
+        compiler_params=_compiler_params(cfg.num_warps, cfg.num_stages, interpret),
+        interpret=interpret,
+        name="dsla_seg_states_split",
+    )(kd, ebl, v)
 
 
 # ----------------------------------------------------------------------------------------------------------------
