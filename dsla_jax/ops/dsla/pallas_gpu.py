@@ -28,6 +28,14 @@ decay), the caller chains the P summaries in XLA (P is small), and `fwd_gpu` run
 state in parallel. The backward kernels reuse this: `seg_states_gpu(reverse=True)` summarises the reverse (adjoint)
 recurrence, `bwd_dq_gpu` runs forward in time from the saved segment states, `bwd_dkv_gpu` backward in time.
 
+Split forward (the default, `GpuConfig.fwd = "split"`, FLA's structure). `fwd_intra_gpu` does all per-chunk work
+that does not involve the carried states, for every chunk in parallel (grid B * H x N): gate cumsums, both paths of
+the intra-chunk scores, o_intra = scale * sum_s w_s A_s v, and it stores qd_s = scale w_s q exp(b_s),
+kd_s = k exp(bL_s - b_s) and exp(bL_s). `seg_states_split_gpu` sums each segment's state contribution from those, and
+`fwd_rec_gpu` walks the chunks with loads and four matmuls per chunk, no exponentials:
+o = o_intra + qd_1 S_1 + qd_2 S_2, S_s <- diag(exp(bL_s)) S_s + kd_s^T v. The fused form (`fwd_gpu`) does everything
+inside the sequential loop (see docs/kernel_notes.md v3 for why that is slow).
+
 Gate gradients. `bwd_dq_gpu` also writes the state entering every chunk and `bwd_dkv_gpu` turns it into
 sum_V S_in * dS_in per chunk start (the exact gate gradient there); the dq, dk kernels leave out their i = j terms.
 The caller (`pallas._finish_grads`) then needs reverse cumsums over single chunks only (see there).
@@ -60,12 +68,14 @@ class GpuConfig:
         chunk: BT, tokens per chunk (power of two, >= 16).
         block_v: BV, value tile of the forward kernels (power of two dividing V).
         num_segments: P, sequence segments run in parallel (None: chosen from B * H, see `pick_segments`).
-        num_warps, num_stages: Triton launch parameters of the forward kernels (of the split form: the segment and
-            recurrent kernels).
+        num_warps, num_stages: Triton launch parameters of the fused forward kernels.
         fwd: "split" (a parallel intra-chunk kernel, then a recurrent kernel of loads and matmuls only; see
             `fwd_split_gpu`) or "fused" (one sequential kernel does all per-chunk work; `fwd_gpu`).
         split_dtype: storage of the split form's decayed queries and keys: "float32" or "bfloat16".
         intra_num_warps, intra_num_stages: Triton launch parameters of the split form's intra-chunk kernel.
+        rec_num_warps, rec_num_stages: the same for the split form's segment and recurrent kernels. One stage by
+            default: a float32 64-token chunk loads 4 x 32 KB of decayed q / k per step, two buffers of which would
+            not fit the 227 KB of shared memory of an H100 (bfloat16 storage or 32-token chunks can take 2-3).
         bwd_chunk, bwd_num_warps, bwd_num_stages: the same for the backward kernels (bwd_chunk divides chunk).
         state_dot: operand precision of the matmuls with a state: "tf32", "bf16" or "ieee" (float32 exact).
         intra_dot: operand precision of the intra-chunk matmuls (scores and scores @ v).
@@ -85,8 +95,10 @@ class GpuConfig:
     thresh: float = THRESH
     fwd: str = "split"
     split_dtype: str = "float32"
-    intra_num_warps: int = 4
+    intra_num_warps: int = 8
     intra_num_stages: int = 1
+    rec_num_warps: int = 8
+    rec_num_stages: int = 1
 
 
 def pick_segments(batch_heads: int, num_chunks: int, v_tiles: int, target_programs: int = 264) -> int:
@@ -465,16 +477,15 @@ def _intra_kernel(w_ref, q_ref, k_ref, v_ref, g1_ref, g2_ref, qd_ref, kd_ref, eb
     ts = pl.ds(n * BT, BT)
     q = q_ref[b, ts, h, :].astype(f32)  # [BT, K]
     k = k_ref[b, ts, h, :].astype(f32)
-    w1, w2 = w_ref[0] * scale, w_ref[1] * scale
-    qd1, kd1, a1, bL1 = _fwd_terms(q, k, g1_ref[b, ts, h, :].astype(f32), nm)
-    qd2, kd2, a2, bL2 = _fwd_terms(q, k, g2_ref[b, ts, h, :].astype(f32), nm)
-    oi_ref[bh, ts, :] = _mm(a1 * w1 + a2 * w2, v_ref[b, ts, h, :].astype(f32), nm.intra_dot)  # [BT, V]
-    qd_ref[0, bh, ts, :] = (qd1 * w1).astype(qd_ref.dtype)
-    qd_ref[1, bh, ts, :] = (qd2 * w2).astype(qd_ref.dtype)
-    kd_ref[0, bh, ts, :] = kd1.astype(kd_ref.dtype)
-    kd_ref[1, bh, ts, :] = kd2.astype(kd_ref.dtype)
-    ebl_ref[0, bh, n, :] = jnp.exp(bL1)
-    ebl_ref[1, bh, n, :] = jnp.exp(bL2)
+    a = None
+    for s, (g_ref, w) in enumerate(((g1_ref, w_ref[0] * scale), (g2_ref, w_ref[1] * scale))):
+        # One state at a time, its outputs stored at once: fewer live [BT, K] tiles.
+        qd, kd, a_s, bL = _fwd_terms(q, k, g_ref[b, ts, h, :].astype(f32), nm)
+        qd_ref[s, bh, ts, :] = (qd * w).astype(qd_ref.dtype)
+        kd_ref[s, bh, ts, :] = kd.astype(kd_ref.dtype)
+        ebl_ref[s, bh, n, :] = jnp.exp(bL)
+        a = a_s * w if a is None else a + a_s * w
+    oi_ref[bh, ts, :] = _mm(a, v_ref[b, ts, h, :].astype(f32), nm.intra_dot)  # [BT, V]
 
 
 def fwd_intra_gpu(q, k, v, g1, g2, w, *, scale: float, cfg: GpuConfig, interpret=False):
@@ -513,7 +524,7 @@ def fwd_intra_gpu(q, k, v, g1, g2, w, *, scale: float, cfg: GpuConfig, interpret
 
 
 def _rec_kernel(qd_ref, kd_ref, ebl_ref, v_ref, oi_ref, sin_ref, o_ref, sout_ref, *, H, BT, BV, NC, sd):
-    bh, p, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    iv, bh, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)  # value tiles adjacent: L2 reuse
     b, h = lax.div(bh, H), lax.rem(bh, H)  # non-negative: no floor-division selects
     vs = pl.ds(iv * BV, BV)
 
@@ -551,15 +562,15 @@ def fwd_rec_gpu(qd, kd, ebl, v, oi, s_in, *, cfg: GpuConfig, P: int, interpret=F
     return pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((B, T, H, V), v.dtype), jax.ShapeDtypeStruct((B * H, P, 2, K, V), f32)),
-        grid=(B * H, P, V // BV),
-        compiler_params=_compiler_params(cfg.num_warps, cfg.num_stages, interpret),
+        grid=(V // BV, B * H, P),
+        compiler_params=_compiler_params(cfg.rec_num_warps, cfg.rec_num_stages, interpret),
         interpret=interpret,
         name="dsla_fwd_rec",
     )(qd, kd, ebl, v, oi, s_in)
 
 
 def _seg_split_kernel(kd_ref, ebl_ref, v_ref, s_ref, d_ref, *, H, BT, BV, NC, sd):
-    bh, p, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    iv, bh, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)  # value tiles adjacent: L2 reuse
     b, h = lax.div(bh, H), lax.rem(bh, H)  # non-negative: no floor-division selects
     vs = pl.ds(iv * BV, BV)
     K = kd_ref.shape[-1]
@@ -600,8 +611,8 @@ def seg_states_split_gpu(kd, ebl, v, *, P: int, count: int, cfg: GpuConfig, inte
             jax.ShapeDtypeStruct((B * H, count, 2, K, V), f32),
             jax.ShapeDtypeStruct((B * H, count, V // BV, 2, K), f32),
         ),
-        grid=(B * H, count, V // BV),
-        compiler_params=_compiler_params(cfg.num_warps, cfg.num_stages, interpret),
+        grid=(V // BV, B * H, count),
+        compiler_params=_compiler_params(cfg.rec_num_warps, cfg.rec_num_stages, interpret),
         interpret=interpret,
         name="dsla_seg_states_split",
     )(kd, ebl, v)
