@@ -302,13 +302,27 @@ def decode_rows(B=64, interpret=False, sweep=False):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-QUICK_FWD = ("C64 V64 w8", "C64 V64 w4", "C32 V64 w4", "C64 V32 w4", "C64 V64 w8 intra-bf16")
+QUICK_FWD = (
+    "C64 V64 w8",
+    "split C64 V64 w8",
+    "split C64 V64 w4",
+    "split C64 V128 w8",
+    "split C64 V64 w8 s2",
+    "split C32 V64 w4 s2",
+    "split C32 V64 w8 s2",
+    "split C32 V128 w8 s2",
+    "split C64 V64 w8 iw4",
+    "split C64 V64 w8 P4",
+    "split C64 V64 w8 bf16-store s2",
+)
 QUICK_BWD = ("bwdC32 w8", "bwdC32 w4")
 
 
 def sweep_variants():
-    """Forward variants of the GPU kernels: (label, GpuConfig kwargs)."""
-    base = dict(chunk=64, block_v=64, num_warps=8, num_stages=2, state_dot="tf32", intra_dot="tf32")
+    """Forward variants of the GPU kernels: (label, GpuConfig kwargs). Labels without "split" are the fused
+    (v3/v4) kernel; "split ..." the v5 split forward (sN: stages of its recurrent and segment kernels, iwN: warps
+    of its intra-chunk kernel, bf16-store: decayed q / k stored in bfloat16)."""
+    base = dict(fwd="fused", chunk=64, block_v=64, num_warps=8, num_stages=2, state_dot="tf32", intra_dot="tf32")
     out = [("C64 V64 w8", base)]
     for label, upd in [
         ("C64 V64 w4", dict(num_warps=4)),
@@ -323,7 +337,69 @@ def sweep_variants():
         ("C128 V64 w8", dict(chunk=128)),
     ]:
         out.append((label, {**base, **upd}))
+    split = dict(
+        fwd="split",
+        chunk=64,
+        block_v=64,
+        rec_num_warps=8,
+        rec_num_stages=1,
+        intra_num_warps=8,
+        split_dtype="float32",
+        state_dot="tf32",
+        intra_dot="tf32",
+    )
+    for label, upd in [
+        ("split C64 V64 w8", {}),
+        ("split C64 V64 w4", dict(rec_num_warps=4)),
+        ("split C64 V128 w8", dict(block_v=128)),
+        ("split C64 V64 w8 s2", dict(rec_num_stages=2)),  # may exceed shared memory (float32 64-token tiles)
+        ("split C32 V64 w4 s2", dict(chunk=32, rec_num_warps=4, rec_num_stages=2)),
+        ("split C32 V64 w8 s2", dict(chunk=32, rec_num_stages=2)),
+        ("split C32 V64 w8 s3", dict(chunk=32, rec_num_stages=3)),
+        ("split C32 V128 w8 s2", dict(chunk=32, block_v=128, rec_num_stages=2)),
+        ("split C64 V64 w8 iw4", dict(intra_num_warps=4)),
+        ("split C64 V64 w8 P4", dict(num_segments=4)),
+        ("split C64 V64 w8 P16", dict(num_segments=16)),
+        ("split C64 V64 w8 bf16-store s2", dict(split_dtype="bfloat16", rec_num_stages=2)),
+        ("split C64 V128 w8 bf16-store s2", dict(split_dtype="bfloat16", block_v=128, rec_num_stages=2)),
+    ]:
+        out.append((label, {**split, **upd}))
     return out
+
+
+def split_parts(args, interpret: bool, cfg=None):
+    """Times the split forward's three kernels separately (default config) with their HBM bytes and GB/s."""
+    from dsla_jax.ops.dsla import pallas_gpu as kg
+
+    cfg = cfg or kg.GpuConfig()
+    q, k, v, g1, g2, mix = args
+    B, T, Hh, K = q.shape
+    V = v.shape[-1]
+    BH, N = B * Hh, T // cfg.chunk
+    nv = V // min(cfg.block_v, V)
+    P = cfg.num_segments or kg.pick_segments(BH, N, nv)
+    it = q.dtype.itemsize
+    st = jnp.dtype(kg.SPLIT_DTYPES[cfg.split_dtype]).itemsize
+    tok = B * T * Hh * K  # elements of one [B, T, H, K] tensor
+    intra = jax.jit(lambda *a: kg.fwd_intra_gpu(*a, scale=K**-0.5, cfg=cfg, interpret=interpret))
+    qd, kd, ebl, oi = intra(q, k, v, g1, g2, mix)
+    seg = jax.jit(lambda kd, e, v: kg.seg_states_split_gpu(kd, e, v, P=P, count=P - 1, cfg=cfg, interpret=interpret))
+    s_in = jnp.zeros((BH, P, 2, K, V), jnp.float32)
+    rec = jax.jit(lambda *a: kg.fwd_rec_gpu(*a, cfg=cfg, P=P, interpret=interpret))
+    # Bytes with every tensor read once (the value tiles of a head run side by side and share L2) and V = K.
+    parts = [
+        ("intra", intra, (q, k, v, g1, g2, mix), 5 * tok * it + 4 * tok * st + tok * 4),
+        ("seg", seg, (kd, ebl, v), (P - 1) / P * (2 * tok * st + tok * it)),
+        ("rec", rec, (qd, kd, ebl, v, oi, s_in), 4 * tok * st + 2 * tok * it + tok * 4),
+    ]
+    for name, f, a, nbytes in parts if P > 1 else parts[::2]:
+        try:
+            ms = time_jax(f, *a)
+            name = f"split part {name} P{P}"
+            record(impl=name, B=B, T=T, pass_="fwd", ms=ms, GB=nbytes / 1e9, TBps=nbytes / ms / 1e9)
+        except Exception as e:
+            record(impl=f"split part {name}", B=B, T=T, pass_="fwd", error=f"{type(e).__name__}: {str(e)[:300]}")
+            traceback.print_exc(limit=2)
 
 
 def bwd_variants():
@@ -357,6 +433,8 @@ def run_sweep(interpret: bool, budget_s: float, quick: bool = False):
             continue
         cfg = GpuConfig(**kw)
         bench_jax_layer("pallas " + label, pallas_fn(cfg, interpret, cfg.chunk), args, B=B, T=T, ref=ref, bwd=False)
+    log(f"== split forward parts B{B} T{T} (default config)")
+    split_parts(args, interpret)
     log(f"== backward sweep B{B} T{T}")
     for label, kw in bwd_variants():
         if quick and label not in QUICK_BWD:
