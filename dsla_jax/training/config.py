@@ -98,6 +98,29 @@ class ChainSection:
 
 
 @dataclass(frozen=True)
+class TransferSection:
+    steps: int = 0
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    batch_size: int = 0
+    grad_accum: int = 1
+    clip_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, "transfer.steps", "must be >= 0 (0 = no attention transfer)")
+        _check(self.lr > 0, "transfer.lr", "must be > 0")
+        _check(self.warmup_steps >= 0, "transfer.warmup_steps", "must be >= 0")
+        _check(self.batch_size >= 0, "transfer.batch_size", "must be >= 0 (0 = train.batch_size)")
+        _check(self.grad_accum >= 1, "transfer.grad_accum", "must be >= 1")
+        _check(
+            self.batch_size % self.grad_accum == 0,
+            "transfer.batch_size",
+            f"{self.batch_size} is not a multiple of transfer.grad_accum={self.grad_accum}",
+        )
+        _check(self.clip_norm >= 0, "transfer.clip_norm", "must be >= 0 (0 = no clipping)")
+
+
+@dataclass(frozen=True)
 class OrderingSection:
     cache_dir: str = ""
     prompts: int = 64
@@ -225,6 +248,7 @@ class DistillConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     chain: ChainSection = field(default_factory=ChainSection)
+    transfer: TransferSection = field(default_factory=TransferSection)
     ordering: OrderingSection = field(default_factory=OrderingSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -238,6 +262,18 @@ class DistillConfig:
         _check(bool(self.out_dir), "out_dir", "must be a directory path")
         if self.model.mixer == "gla" and self.loss.lambda_gate > 0:
             raise DistillConfigError("loss.lambda_gate: the gate-diversity term needs two states (model.mixer=dsla)")
+        if self.transfer.steps and self.transfer.batch_size == 0:
+            _check(
+                self.train.batch_size % self.transfer.grad_accum == 0,
+                "transfer.grad_accum",
+                f"{self.transfer.grad_accum} does not divide train.batch_size={self.train.batch_size} "
+                "(transfer.batch_size=0 takes it)",
+            )
+
+    @property
+    def transfer_batch_size(self) -> int:
+        """Rows per attention-transfer step (`transfer.batch_size`, or `train.batch_size` when 0)."""
+        return self.transfer.batch_size or self.train.batch_size
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

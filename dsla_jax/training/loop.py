@@ -47,15 +47,12 @@ from dsla_jax.training.sharding import (
     put_batch,
     replicated,
 )
-from dsla_jax.training.step import StepSpec, compile_step
+from dsla_jax.training.step import NonFiniteLoss, StepSpec, compile_step
+from dsla_jax.training.transfer import format_mse, run_transfer
 
 
 class RunError(RuntimeError):
     """A run that cannot start or continue as asked (e.g. an existing run without --resume)."""
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss or gradient norm became NaN / inf and `train.on_nan` is "stop"."""
 
 
 # ---- the run -------------------------------------------------------------------------------------------------------
@@ -68,6 +65,7 @@ class Position:
     global_step: int = 0
     tokens: int = 0  # training tokens (valid positions) consumed
     skipped: int = 0
+    transfer_tokens: int = 0  # of `tokens`, those the attention-transfer stage used
     evals: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -183,6 +181,7 @@ def _run(
         iterator.load_state_dict(meta["data"]["iterator"])
         pos = Position(
             **{k: meta[k] for k in ("chain_index", "step_in_layer", "global_step", "tokens", "skipped")},
+            transfer_tokens=int(meta.get("transfer_tokens", 0)),
             evals=list(meta["evals"]),
         )
         where = (
@@ -214,6 +213,7 @@ def _run(
             "global_step": pos.global_step,
             "tokens": pos.tokens,
             "skipped": pos.skipped,
+            "transfer_tokens": pos.transfer_tokens,
             "data": {"iterator": iterator.state_dict(), "fingerprint": data_fp},
             "evals": pos.evals,
             "config": cfg.to_dict(),
@@ -225,6 +225,7 @@ def _run(
             "order": list(plan.order),
             "mixer": cfg.model.mixer,
             "training_tokens": pos.tokens,
+            "transfer_tokens": pos.transfer_tokens,
             "eval": results,
             "config": cfg.to_dict(),
         }
@@ -255,6 +256,33 @@ def _run(
         return hybrid
 
     limit = cfg.train.time_limit_s
+    if meta is None and cfg.transfer.steps:
+        # Attention transfer, then a checkpoint at step 0: --resume never redoes it (a kill during it restarts it).
+        say(f"attention transfer: {cfg.transfer.steps} steps of {cfg.transfer_batch_size} rows, {plan.length} layers")
+        res = run_transfer(
+            cfg, plan.chain_layers, student_graph, teacher_graph, trainable, frozen, teacher_flat, train_rows, mesh, log
+        )
+        trainable = res.trainable
+        pos.tokens += res.tokens
+        pos.transfer_tokens = res.tokens
+        pos.skipped += res.skipped
+        say(f"attention transfer, relative MSE per layer: first batch {format_mse(res.first_mse)}")
+        say(f"                                            last batch  {format_mse(res.last_mse)}")
+        log.write("transfer_done", steps=res.steps, tokens=res.tokens, first_mse=res.first_mse, last_mse=res.last_mse)
+        if sets and cfg.eval.before:
+            hybrid = make_hybrid(student_graph, trainable, frozen, plan.chain_layers)
+            record = {
+                "name": f"transferred {plan.length}/{num_layers}",
+                "layers": list(plan.chain_layers),
+                "results": evaluate(hybrid, sets, cfg),
+                "tokens": pos.tokens,
+            }
+            pos.evals.append(record)
+            log.write("eval", **record)
+        ckpts.save(0, {"params": trainable, "opt_state": opt_state}, meta_now())
+        if limit and time.perf_counter() - started > limit:
+            say("time limit reached after the attention transfer; continue with --resume")
+            return {"complete": False, "out_dir": str(out), "steps": pos.global_step, "tokens": pos.tokens}
     active_sh = replicated(mesh)
     b_sh = batch_sharding(mesh)
     n_proc, proc = jax.process_count(), jax.process_index()
@@ -347,6 +375,7 @@ def _run(
         "stages": list(plan.stages),
         "dsla_layers": sorted(plan.chain_layers),
         "training_tokens": pos.tokens,
+        "transfer_tokens": pos.transfer_tokens,
         "steps": pos.global_step,
         "skipped_steps": pos.skipped,
         "wall_s": time.perf_counter() - started,

@@ -22,6 +22,11 @@ from dsla_jax.training.forward import forward
 from dsla_jax.training.params import Flat, mask_by_layer, merge
 from dsla_jax.training.sharding import batch_sharding, param_shardings, replicated
 
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradient norm became NaN / inf and `train.on_nan` is "stop"."""
+
+
 Batch = dict[str, jax.Array]  # tokens, valid, loss_mask: [A, b, T] (A micro-batches of b rows)
 
 
