@@ -56,7 +56,9 @@ def transferred(tmp_path_factory):
 
     mse_before = mse(st.trainable)
     log = MetricsLog(tmp_path_factory.mktemp("transfer") / "metrics.jsonl")
-    res = run_transfer(cfg, CHAIN, st.graph, st.teacher_graph, st.trainable, st.frozen, st.teacher_flat, rows, mesh, log)
+    res = run_transfer(
+        cfg, CHAIN, st.graph, st.teacher_graph, st.trainable, st.frozen, st.teacher_flat, rows, mesh, log
+    )
     return {"before": before, "res": res, "mse_before": mse_before, "mse_after": mse(res.trainable), "log": log}
 
 
