@@ -165,6 +165,31 @@ def test_killed_and_resumed_run_equals_uninterrupted(assets, tmp_path, capsys):
     assert "resumed from step 4: chain step 2/2, step 1" in capsys.readouterr().out
 
 
+def test_resume_after_the_attention_transfer_does_not_redo_it(assets, tmp_path, capsys):
+    extra = {"transfer.steps": 4, "transfer.lr": 0.01, "transfer.warmup_steps": 1}
+    whole = tmp_path / "whole"
+    summary = run_distillation(cfg_of(assets, whole, **extra))
+    chain_tokens = 6 * 4 * 32
+    assert summary["transfer_tokens"] == 4 * 4 * 32
+    assert summary["training_tokens"] == chain_tokens + summary["transfer_tokens"]
+
+    def kill_after_1(step: int) -> None:
+        if step == 1:  # only the checkpoint written after the transfer (step 0) exists
+            raise Killed
+
+    parts = tmp_path / "parts"
+    with pytest.raises(Killed):
+        run_distillation(cfg_of(assets, parts, **extra), after_step=kill_after_1)
+    again = run_distillation(cfg_of(assets, parts, **extra), resume=True)
+    assert "resumed from step 0: chain step 1/2, step 0" in capsys.readouterr().out
+    records = [json.loads(x) for x in (parts / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "transfer"] == [1, 2, 3, 4]  # not redone
+    assert again["training_tokens"] == summary["training_tokens"]
+    a, b = final_tensors(whole), final_tensors(parts)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
 def test_resume_refuses_another_model(assets, tmp_path):
     out = tmp_path / "run"
     run_distillation(cfg_of(assets, out, **{"chain.steps_per_layer": 1, "chain.stages": "[1]"}))

@@ -34,6 +34,7 @@ from dsla_jax.training.optim import make_optimizer
 from dsla_jax.training.sharding import batch_sharding, make_mesh, param_shardings, replicated
 from dsla_jax.training.step import StepSpec, compile_step, micro_loss
 from dsla_jax.training.tiny import tiny_config
+from dsla_jax.training.transfer import TransferSpec, compile_transfer, split_mixer
 
 assert len(jax.devices()) == 8, jax.devices()
 teacher = Llama(tiny_config(layers=3), rngs=nnx.Rngs(0))
@@ -70,7 +71,12 @@ def run(data, model):
     new, _, metrics = step(tr, init(tr), fr, te, b, act, act, jnp.int32(1))
     n_sharded = sum(not s.is_fully_replicated for s in sh(tr).values())
     to_np = lambda t: {k: np.asarray(v) for k, v in t.items()}
-    return float(loss), to_np(grads), float(metrics["loss"]), to_np(new), n_sharded
+    # the attention-transfer step, placed the same way (its mixer parameters are donated: fresh copies)
+    mx, rest = split_mixer({k: jax.device_put(jnp.array(v, copy=True), sh(trainable)[k]) for k, v in trainable.items()})
+    t_step, t_init = compile_transfer(TransferSpec(sg, tg, (0, 2), 1.0), opt, mesh, mx, rest, fr, te)
+    t_new, _, t_metrics = t_step(mx, t_init(mx), rest, fr, te, {k: b[k] for k in ("tokens", "valid")})
+    transfer = (float(t_metrics["loss"]), to_np(t_new))
+    return float(loss), to_np(grads), float(metrics["loss"]), to_np(new), n_sharded, transfer
 
 def flat(tree):
     return np.concatenate([tree[k].ravel() for k in sorted(tree)])
@@ -90,6 +96,8 @@ for data, model in [(8, 1), (4, 2)]:
         "step_loss": abs(got[2] - ref[2]) / abs(ref[2]),
         "params": max(rel(got[3][k], ref[3][k]) for k in ref[3]),
         "sharded_params": got[4],
+        "transfer_loss": abs(got[5][0] - ref[5][0]) / abs(ref[5][0]),
+        "transfer_params": max(rel(got[5][1][k], ref[5][1][k]) for k in ref[5][1]),
     }
 out["nonzero_grads"] = sum(bool(np.any(v)) for v in ref[1].values())
 print("RESULT" + json.dumps(out))
@@ -105,7 +113,7 @@ def test_sharded_loss_and_grads_equal_single_device():
     result = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert result.pop("nonzero_grads") > 10
     for mesh, r in result.items():
-        for key in ("loss", "grads", "grads_per_tensor", "step_loss", "params"):
+        for key in ("loss", "grads", "grads_per_tensor", "step_loss", "params", "transfer_loss", "transfer_params"):
             assert r[key] <= 1e-5, f"mesh {mesh}: {key} differs from one device by {r[key]:.2e}"
         assert r["grads_alpha"] <= 1e-3, f"mesh {mesh}: the mixing-logit gradient differs by {r['grads_alpha']:.2e}"
         if mesh != "8x1":

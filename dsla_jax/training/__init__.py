@@ -9,6 +9,7 @@
     checkpoint.py  Orbax run checkpoints, distilled output       evaluate.py    perplexity, summary table
     setup.py       teacher, rows, order, placed student          loop.py        the run
     metrics_log.py JSONL / TensorBoard metrics                   tiny.py        tiny model + corpus for tests
+    transfer.py    attention transfer before the chain
 
 Entry point: `python -m train.distill --config configs/smollm2_demo.yaml [key=value ...] [--resume]`.
 """

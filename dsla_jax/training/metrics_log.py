@@ -1,7 +1,8 @@
 """The run's metrics: one JSON object per line in `<out_dir>/metrics.jsonl`, mirrored to TensorBoard if asked.
 
 Events: "step" (loss and its terms, grad_norm, lr, lambda_factor, tokens_per_s, step_s, skipped), "eval"
-(perplexities of the teacher / hybrids), "layer_done", "nan" (a non-finite step), "summary".
+(perplexities of the teacher / hybrids), "transfer" / "transfer_done" (attention transfer), "layer_done", "nan"
+(a non-finite step), "summary".
 """
 
 from __future__ import annotations
