@@ -314,6 +314,7 @@ QUICK_FWD = (
     "split C64 V64 w8 iw4",
     "split C64 V64 w8 P4",
     "split C64 V64 w8 bf16-store s2",
+    "split C64 V64 w8 kd-bf16",
 )
 QUICK_BWD = ("bwdC32 w8", "bwdC32 w4")
 
@@ -321,7 +322,7 @@ QUICK_BWD = ("bwdC32 w8", "bwdC32 w4")
 def sweep_variants():
     """Forward variants of the GPU kernels: (label, GpuConfig kwargs). Labels without "split" are the fused
     (v3/v4) kernel; "split ..." the v5 split forward (sN: stages of its recurrent and segment kernels, iwN: warps
-    of its intra-chunk kernel, bf16-store: decayed q / k stored in bfloat16)."""
+    of its intra-chunk kernel, bf16-store: decayed q and k stored in bfloat16, kd-bf16: decayed k only)."""
     base = dict(fwd="fused", chunk=64, block_v=64, num_warps=8, num_stages=2, state_dot="tf32", intra_dot="tf32")
     out = [("C64 V64 w8", base)]
     for label, upd in [
@@ -362,6 +363,8 @@ def sweep_variants():
         ("split C64 V64 w8 P16", dict(num_segments=16)),
         ("split C64 V64 w8 bf16-store s2", dict(split_dtype="bfloat16", rec_num_stages=2)),
         ("split C64 V128 w8 bf16-store s2", dict(split_dtype="bfloat16", block_v=128, rec_num_stages=2)),
+        ("split C64 V64 w8 kd-bf16", dict(split_dtype="kd-bfloat16")),
+        ("split C64 V64 w8 kd-bf16 s2", dict(split_dtype="kd-bfloat16", rec_num_stages=2)),
     ]:
         out.append((label, {**split, **upd}))
     return out
@@ -379,7 +382,7 @@ def split_parts(args, interpret: bool, cfg=None):
     nv = V // min(cfg.block_v, V)
     P = cfg.num_segments or kg.pick_segments(BH, N, nv)
     it = q.dtype.itemsize
-    st = jnp.dtype(kg.SPLIT_DTYPES[cfg.split_dtype]).itemsize
+    qs, ks = (jnp.dtype(d).itemsize for d in kg.SPLIT_DTYPES[cfg.split_dtype])
     tok = B * T * Hh * K  # elements of one [B, T, H, K] tensor
     intra = jax.jit(lambda *a: kg.fwd_intra_gpu(*a, scale=K**-0.5, cfg=cfg, interpret=interpret))
     qd, kd, ebl, oi = intra(q, k, v, g1, g2, mix)
@@ -388,9 +391,9 @@ def split_parts(args, interpret: bool, cfg=None):
     rec = jax.jit(lambda *a: kg.fwd_rec_gpu(*a, cfg=cfg, P=P, interpret=interpret))
     # Bytes with every tensor read once (the value tiles of a head run side by side and share L2) and V = K.
     parts = [
-        ("intra", intra, (q, k, v, g1, g2, mix), 5 * tok * it + 4 * tok * st + tok * 4),
-        ("seg", seg, (kd, ebl, v), (P - 1) / P * (2 * tok * st + tok * it)),
-        ("rec", rec, (qd, kd, ebl, v, oi, s_in), 4 * tok * st + 2 * tok * it + tok * 4),
+        ("intra", intra, (q, k, v, g1, g2, mix), 5 * tok * it + 2 * tok * (qs + ks) + tok * 4),
+        ("seg", seg, (kd, ebl, v), (P - 1) / P * (2 * tok * ks + tok * it)),
+        ("rec", rec, (qd, kd, ebl, v, oi, s_in), 2 * tok * (qs + ks) + 2 * tok * it + tok * 4),
     ]
     for name, f, a, nbytes in parts if P > 1 else parts[::2]:
         try:

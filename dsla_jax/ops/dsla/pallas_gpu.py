@@ -71,7 +71,8 @@ class GpuConfig:
         num_warps, num_stages: Triton launch parameters of the fused forward kernels.
         fwd: "split" (a parallel intra-chunk kernel, then a recurrent kernel of loads and matmuls only; see
             `fwd_split_gpu`) or "fused" (one sequential kernel does all per-chunk work; `fwd_gpu`).
-        split_dtype: storage of the split form's decayed queries and keys: "float32" or "bfloat16".
+        split_dtype: storage of the split form's decayed queries and keys: "float32" (both), "bfloat16" (both) or
+            "kd-bfloat16" (keys only: they feed the states; the queries feed the outputs directly).
         intra_num_warps, intra_num_stages: Triton launch parameters of the split form's intra-chunk kernel.
         rec_num_warps, rec_num_stages: the same for the split form's segment and recurrent kernels. One stage by
             default: a float32 64-token chunk loads 4 x 32 KB of decayed q / k per step, two buffers of which would
@@ -468,7 +469,8 @@ def seg_states_gpu(
 # Split forward (v5): a parallel intra-chunk kernel, a segment pass and a recurrent kernel of loads and matmuls
 # ----------------------------------------------------------------------------------------------------------------
 
-SPLIT_DTYPES = {"float32": f32, "bfloat16": jnp.bfloat16}
+# GpuConfig.split_dtype -> storage dtypes of (qd, kd).
+SPLIT_DTYPES = {"float32": (f32, f32), "bfloat16": (jnp.bfloat16, jnp.bfloat16), "kd-bfloat16": (f32, jnp.bfloat16)}
 
 
 def _intra_kernel(w_ref, q_ref, k_ref, v_ref, g1_ref, g2_ref, qd_ref, kd_ref, ebl_ref, oi_ref, *, H, BT, scale, nm):
@@ -506,13 +508,13 @@ def fwd_intra_gpu(q, k, v, g1, g2, w, *, scale: float, cfg: GpuConfig, interpret
     V = v.shape[-1]
     BT = cfg.chunk
     N = T // BT
-    sdt = SPLIT_DTYPES[cfg.split_dtype]
+    qdt, kdt = SPLIT_DTYPES[cfg.split_dtype]
     kernel = functools.partial(_intra_kernel, H=H, BT=BT, scale=scale, nm=_numerics(cfg))
     return pl.pallas_call(
         kernel,
         out_shape=(
-            jax.ShapeDtypeStruct((2, B * H, T, K), sdt),
-            jax.ShapeDtypeStruct((2, B * H, T, K), sdt),
+            jax.ShapeDtypeStruct((2, B * H, T, K), qdt),
+            jax.ShapeDtypeStruct((2, B * H, T, K), kdt),
             jax.ShapeDtypeStruct((2, B * H, N, K), f32),
             jax.ShapeDtypeStruct((B * H, T, V), f32),
         ),
