@@ -5,7 +5,7 @@
     python -m bench.ops --shapes 1,8,64,2048     # B,H,D,T (several separated by ';')
     python -m bench.ops --variants               # also time both chunked forms (xla_fused, xla_two) and auto
     python -m bench.ops --tune --shapes ...      # sweep chunk/sub-chunk/block/unroll of the chunked path (last shape)
-    python -m bench.ops --precision high         # matmul precision of the chunked path (default: utils.MATMUL_PRECISION)
+    python -m bench.ops --precision high         # matmul precision of the chunked path (utils.MATMUL_PRECISION)
 
 Each row: wall time (median of --repeats runs after one warm-up, block_until_ready), compile time, the peak
 temporary memory of the compiled executable (`memory_analysis().temp_size_in_bytes`, no run needed) and, for

@@ -294,7 +294,9 @@ def test_gate_gradient_is_not_cancellation_noise():
     """With matmul operands rounded to bfloat16 (noisier than the GPU's tf32), the gate gradients stay as accurate
     as dq and dk. A reverse cumsum of q * dq - k * dk over the whole sequence (the textbook form) gives 2e-1 here."""
     args = make_inputs(1, 1, 300, 2, 2, 32, 32, jnp.bfloat16, ("strong", "logsig"))
-    cfg = GpuConfig(chunk=32, block_v=32, num_segments=2, bwd_chunk=16, state_dot="bf16", intra_dot="bf16")
+    cfg = GpuConfig(
+        chunk=32, block_v=32, num_segments=2, bwd_chunk=16, state_dot="bf16", intra_dot="bf16", bwd_dot="bf16"
+    )
     ref = oracle(*args)
     ks = jax.random.split(jax.random.key(3), 3)
     cts = tuple(jax.random.normal(kk, r.shape).astype(jnp.bfloat16).astype(jnp.float32) for kk, r in zip(ks, ref))

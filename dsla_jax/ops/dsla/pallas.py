@@ -214,12 +214,20 @@ def _core(backend: str, scale: float, cfg, P: int, interpret):
 
 
 def _gpu_config(chunk_size: int, config, dtype):
-    """Default GPU tiles for `chunk_size`; bfloat16 runs use tf32 matmuls, float32 runs exact float32 ones."""
+    """Default GPU tiles for `chunk_size`; bfloat16 runs use tf32 matmuls in the forward and 3-pass tf32 in the
+    backward, float32 runs exact float32 ones."""
     from dsla_jax.ops.dsla.pallas_gpu import GpuConfig
 
     if config is None:
-        dot = "tf32" if dtype == jnp.bfloat16 else "ieee"
-        config = GpuConfig(chunk=chunk_size, bwd_chunk=min(32, chunk_size), state_dot=dot, intra_dot=dot)
+        bf16 = dtype == jnp.bfloat16
+        dot = "tf32" if bf16 else "ieee"
+        config = GpuConfig(
+            chunk=chunk_size,
+            bwd_chunk=min(32, chunk_size),
+            state_dot=dot,
+            intra_dot=dot,
+            bwd_dot="tf32x3" if bf16 else "ieee",
+        )
     return config
 
 
