@@ -68,6 +68,10 @@ class DSLA(nnx.Module):
         self.g1_proj = nnx.Linear(d, key_dim, use_bias=True, kernel_init=identity, **kw)
         self.g2_proj = nnx.Linear(d, key_dim, use_bias=True, **kw)
         self.alpha = nnx.Param(jnp.zeros((2,), param_dtype))
+        # Output gain exp(log_scale), 1 at init. Calibration (training) sets it so that a fresh layer's output RMS
+        # matches the attention's (often 1e-3 .. 1e-2): kept as a log-gain, an optimizer step changes it by a
+        # relative amount, and o_proj keeps the attention's weights at their own scale.
+        self.log_scale = nnx.Param(jnp.zeros((1,), param_dtype))
 
     # ---- construction from an attention layer -------------------------------------------------------------------
     @classmethod
@@ -120,7 +124,8 @@ class DSLA(nnx.Module):
             o, (s1, s2) = dsla_attention(
                 q, k, v, g1, g2, mix, initial_state=state, chunk_size=self.chunk_size, impl=self.impl
             )
-        y = self.o_proj(o.astype(self.dtype).reshape(b, t, self.num_heads * self.head_dim))
+        gain = jnp.exp(self.log_scale[...].astype(jnp.float32))
+        y = self.o_proj((o.astype(jnp.float32) * gain).astype(self.dtype).reshape(b, t, self.num_heads * self.head_dim))
         return y, (None if cache is None else {"s1": s1, "s2": s2})
 
     # ---- parameters as a flat, HF-style dict (for checkpoints) --------------------------------------------------
@@ -130,7 +135,11 @@ class DSLA(nnx.Module):
             out[f"{n}.weight"] = (getattr(self, n).kernel, True)
             out[f"{n}.bias"] = (getattr(self, n).bias, False)
         out["alpha"] = (self.alpha, False)
+        out["log_scale"] = (self.log_scale, False)
         return out
+
+    # Tensors that checkpoints written before they existed lack: loaded as their initial value.
+    OPTIONAL = {"log_scale": 0.0}
 
     def extra_state_dict(self) -> dict[str, np.ndarray]:
         """DSLA parameters, HF layout ([out, in] for linears), float32 numpy."""
@@ -143,6 +152,9 @@ class DSLA(nnx.Module):
     def load_extra_state_dict(self, params: dict[str, np.ndarray]) -> None:
         """Inverse of `extra_state_dict`; ValueError naming the tensor on a missing key or a shape mismatch."""
         for name, (var, transposed) in self._params().items():
+            if name not in params and name in self.OPTIONAL:
+                var.set_value(jnp.full(var.get_value().shape, self.OPTIONAL[name], var.get_value().dtype))
+                continue
             if name not in params:
                 raise ValueError(f"DSLA parameters have no tensor {name!r}")
             arr = np.asarray(params[name], np.float32)

@@ -270,15 +270,19 @@ def _run(
         say(f"                                            last batch  {format_mse(res.last_mse)}")
         log.write("transfer_done", steps=res.steps, tokens=res.tokens, first_mse=res.first_mse, last_mse=res.last_mse)
         if sets and cfg.eval.before:
-            hybrid = make_hybrid(student_graph, trainable, frozen, plan.chain_layers)
-            record = {
-                "name": f"transferred {plan.length}/{num_layers}",
-                "layers": list(plan.chain_layers),
-                "results": evaluate(hybrid, sets, cfg),
-                "tokens": pos.tokens,
-            }
-            pos.evals.append(record)
-            log.write("eval", **record)
+            # Every stage's hybrid right after the transfer (no chain step yet): what the chain then adds.
+            for n in plan.stages:
+                layers = list(plan.order[:n])
+                hybrid = make_hybrid(student_graph, trainable, frozen, layers)
+                record = {
+                    "name": f"transferred {n}/{num_layers}",
+                    "layers": layers,
+                    "results": evaluate(hybrid, sets, cfg),
+                    "tokens": pos.tokens,
+                }
+                pos.evals.append(record)
+                log.write("eval", **record)
+                say(f"evaluated the transferred hybrid with {n} layers")
         ckpts.save(0, {"params": trainable, "opt_state": opt_state}, meta_now())
         if limit and time.perf_counter() - started > limit:
             say("time limit reached after the attention transfer; continue with --resume")
