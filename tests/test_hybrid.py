@@ -9,9 +9,11 @@ from hf_reference import hf_state_dict, tiny_hf_llama
 
 from dsla_jax.config import LlamaConfig
 from dsla_jax.generate import Generator, SamplingParams
+from dsla_jax.layers.context import MixerInputs
 from dsla_jax.layers.dsla import DSLA
 from dsla_jax.models.hybrid import convert_to_attention, convert_to_dsla, dsla_state_dict, load_dsla_state_dict
 from dsla_jax.models.weights import llama_state_dict, load_llama
+from dsla_jax.training.calibrate import scale_output
 
 N_LAYERS = 4
 
@@ -185,3 +187,23 @@ def test_load_model_with_dsla_params_and_shared_tensors(base, tmp_path, smollm2_
     np.testing.assert_allclose(
         np.asarray(loaded.layers[3].mlp.up_proj.kernel[...]).T, trained_mlp["model.layers.3.mlp.up_proj.weight"]
     )
+
+
+def test_output_gain_scales_the_layer_and_old_checkpoints_load(base):
+    """exp(log_scale) multiplies a DSLA layer's output; calibration moves it, not o_proj; a checkpoint written
+    before the gain existed (no `log_scale` tensor) loads with gain 1."""
+    model = _hybrid(base, (1,))
+    layer = model.layers[1].self_attn
+    x = jnp.asarray(np.random.RandomState(3).randn(1, 20, model.config.hidden_size), jnp.float32)
+    zeros = jnp.zeros((1, 20, model.config.head_dim), jnp.float32)  # DSLA reads no RoPE tables
+    info = MixerInputs(jnp.arange(20)[None], jnp.ones((1, 20), bool), zeros, zeros, jnp.zeros((), jnp.int32), None)
+    y0 = np.asarray(layer(x, info)[0])
+    o_proj = np.asarray(layer.o_proj.kernel[...])
+    scale_output(layer, 0.01)
+    np.testing.assert_array_equal(np.asarray(layer.o_proj.kernel[...]), o_proj)
+    np.testing.assert_allclose(float(layer.log_scale[...][0]), np.log(0.01), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(layer(x, info)[0]), 0.01 * y0, rtol=1e-4, atol=1e-6 * np.abs(y0).max())
+    old = {k: v for k, v in dsla_state_dict(model).items() if not k.endswith("log_scale")}
+    assert len(old) < len(dsla_state_dict(model))
+    load_dsla_state_dict(model, old)
+    np.testing.assert_allclose(np.asarray(layer(x, info)[0]), y0, rtol=1e-5, atol=1e-6 * np.abs(y0).max())

@@ -203,8 +203,8 @@ def layer_order(
     calibration_rows: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """The scores and order of `method`, cached as `<cache_dir>/ordering_<method>.json` (reused when model, data and
-    settings match). Entropy prompts come from `prompt_rows`, sensitivity text from `heldout_rows`; with
+    """The scores and order of `method`, cached as `<cache_dir>/ordering_<method>[_<mixer>].json` (reused when model,
+    data and settings match). Entropy prompts come from `prompt_rows`, sensitivity text from `heldout_rows`; with
     `calibration_rows` > 0 the fresh layers' output scales are calibrated on that many `prompt_rows` first."""
     if method == "entropy":
         key = {
@@ -232,4 +232,7 @@ def layer_order(
             num_calibration_rows=calibration_rows,
             progress=progress,
         )
-    return cached_order(method, Path(cache_dir) / f"ordering_{method}.json", key, compute)
+    # The sensitivity of a GLA-ablation run is measured with GLA layers: its own file, so runs of both mixers that
+    # share a cache folder do not overwrite each other's order.
+    name = method if method == "entropy" or model_cfg.mixer == "dsla" else f"{method}_{model_cfg.mixer}"
+    return cached_order(method, Path(cache_dir) / f"ordering_{name}.json", key, compute)
