@@ -46,11 +46,12 @@ class MetricsLog:
         record = {"event": event, "time": round(time.time(), 3), **fields}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        if self.writer is not None and event == "step":
-            step = int(fields.get("global_step", 0))
+        if self.writer is not None and event in ("step", "transfer"):
+            step = int(fields.get("global_step", fields.get("step", 0)))
+            prefix = "train" if event == "step" else event
             for k, v in fields.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "global_step":
-                    self.writer.add_scalar(f"train/{k}", v, step)
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("global_step", "step"):
+                    self.writer.add_scalar(f"{prefix}/{k}", v, step)
 
     def close(self) -> None:
         if self.writer is not None:
