@@ -46,12 +46,29 @@ def launched_multi_host() -> bool:
     )
 
 
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise ValueError(f"{name}={value!r} must be a non-negative integer")
+    return int(value)
+
+
 def maybe_initialize_distributed(mode: str = "auto") -> bool:
-    """Call `jax.distributed.initialize()` for "on", or for "auto" when launched as one of several processes."""
-    if mode == "on" or (mode == "auto" and launched_multi_host()):
-        jax.distributed.initialize()
-        return True
-    return False
+    """Call `jax.distributed.initialize()` for "on", or for "auto" when launched as one of several processes.
+
+    Cluster launchers (SLURM, MPI, TPU pods, ...) are detected by JAX itself. By hand, start one process per host with
+    JAX_COORDINATOR_ADDRESS=host:port (process 0's), JAX_NUM_PROCESSES=N and JAX_PROCESS_ID=i. CPU processes exchange
+    collectives through gloo (what a multi-process CPU run and its test use)."""
+    if not (mode == "on" or (mode == "auto" and launched_multi_host())):
+        return False
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, ValueError):  # an older / newer JAX without this option: its default then
+        pass
+    jax.distributed.initialize(num_processes=_env_int("JAX_NUM_PROCESSES"), process_id=_env_int("JAX_PROCESS_ID"))
+    return True
 
 
 def make_mesh(data: int = -1, model: int = 1, devices: list | None = None) -> Mesh:
