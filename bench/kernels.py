@@ -316,7 +316,7 @@ QUICK_FWD = (
     "split C64 V64 w8 bf16-store s2",
     "split C64 V64 w8 kd-bf16",
 )
-QUICK_BWD = ("bwdC32 w8", "bwdC32 w4")
+QUICK_BWD = ("bwdC32 w8", "bwdC32 w4", "bwdC32 w8 state-tf32", "bwdC32 w8 all-tf32")
 
 
 def sweep_variants():
@@ -413,6 +413,9 @@ def bwd_variants():
         ("bwdC16 w4", {**base, "bwd_chunk": 16, "bwd_num_warps": 4}),
         ("bwdC64 w8", {**base, "bwd_chunk": 64}),
         ("bwdC32 w8 intra-bf16", {**base, "intra_dot": "bf16"}),
+        # precision of the backward (default: 3-pass tf32 everywhere; see pallas_gpu._bwd_numerics)
+        ("bwdC32 w8 state-tf32", {**base, "bwd_state_dot": "tf32"}),
+        ("bwdC32 w8 all-tf32", {**base, "bwd_dot": "tf32"}),
     ]
 
 

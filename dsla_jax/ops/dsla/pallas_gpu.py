@@ -81,6 +81,8 @@ class GpuConfig:
         state_dot: operand precision of the matmuls with a state: "tf32", "tf32x3", "bf16" or "ieee" (float32 exact).
         intra_dot: operand precision of the intra-chunk matmuls (scores and scores @ v).
         bwd_dot: operand precision of every matmul of the backward kernels (see `_bwd_numerics`).
+        bwd_state_dot: the backward's matmuls with a state only (None: `bwd_dot`), to time 3-pass tf32 on the
+            intra-chunk terms alone.
         thresh: decay range bound of the fast intra-chunk path (see module docstring).
     """
 
@@ -95,6 +97,7 @@ class GpuConfig:
     state_dot: str = "tf32"
     intra_dot: str = "tf32"
     bwd_dot: str = "tf32x3"
+    bwd_state_dot: str | None = None
     thresh: float = THRESH
     fwd: str = "split"
     split_dtype: str = "float32"
@@ -391,7 +394,7 @@ def _bwd_numerics(cfg: GpuConfig) -> Numerics:
     """The backward kernels' matmuls all run at `bwd_dot`: the gate gradient sums per-chunk q * dq - k * dk terms
     that cancel, so single-pass tf32 (2^-11 per operand) left dg at 5e-3 relative error on an H200 (bf16 inputs,
     gates uniform in [-50, 0], T=1000) against the 2e-3 the kernels promise."""
-    return Numerics(state_dot=cfg.bwd_dot, intra_dot=cfg.bwd_dot, thresh=cfg.thresh)
+    return Numerics(state_dot=cfg.bwd_state_dot or cfg.bwd_dot, intra_dot=cfg.bwd_dot, thresh=cfg.thresh)
 
 
 def fwd_gpu(q, k, v, g1, g2, w, s_in, *, scale: float, cfg: GpuConfig, P: int, interpret=False):
