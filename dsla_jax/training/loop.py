@@ -20,7 +20,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
 from dsla_jax.models.hybrid import dsla_state_dict
@@ -42,6 +41,7 @@ from dsla_jax.training.setup import build_student_state, load_rows, load_teacher
 from dsla_jax.training.sharding import (
     batch_sharding,
     check_batch,
+    local_micro_batches,
     make_mesh,
     maybe_initialize_distributed,
     put_batch,
@@ -79,11 +79,6 @@ def _check_config_changes(saved: dict[str, Any], current: dict[str, Any]) -> Non
             changed.append(section)
     if changed:
         say(f"note: resuming with config keys changed since the checkpoint: {', '.join(changed)}")
-
-
-def _micro_batches(part: dict[str, np.ndarray], accum: int) -> dict[str, np.ndarray]:
-    """[B, T] -> [A, B / A, T] (micro-batch a holds rows a*B/A .. )."""
-    return {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in part.items()}
 
 
 def run_distillation(
@@ -289,7 +284,6 @@ def _run(
             return {"complete": False, "out_dir": str(out), "steps": pos.global_step, "tokens": pos.tokens}
     active_sh = replicated(mesh)
     b_sh = batch_sharding(mesh)
-    n_proc, proc = jax.process_count(), jax.process_index()
     for k in range(pos.chain_index, plan.length):
         layer = plan.order[k]
         active = jax.device_put(jnp.asarray(plan.active_mask(k)), active_sh)
@@ -305,9 +299,8 @@ def _run(
         )
         for s in range(pos.step_in_layer, steps):
             idx = iterator.next_indices()
-            rows = train_rows.take(np.sort(idx.reshape(n_proc, -1)[proc]) if n_proc > 1 else idx)
             n_tokens = int(train_rows.valid[idx].sum())
-            batch = put_batch(_micro_batches(rows, cfg.train.grad_accum), b_sh)
+            batch = put_batch(local_micro_batches(train_rows, idx, cfg.train.grad_accum), b_sh)
             t0 = time.perf_counter()
             trainable, opt_state, m = step_fn(
                 trainable, opt_state, frozen, teacher_flat, batch, active, train_on, jnp.int32(s)

@@ -125,6 +125,17 @@ def put(flat: dict, shardings: dict[str, NamedSharding]) -> dict:
     return {k: jax.device_put(v, shardings[k]) for k, v in flat.items()}
 
 
+def local_micro_batches(rows, idx: np.ndarray, accum: int, keys=None) -> dict[str, np.ndarray]:
+    """This process's share of the global batch `idx` (row indices of a `TokenRows`; split evenly over the
+    processes, each taking its part in index order) as [A, b, T] micro-batches (micro-batch a holds its rows
+    a*b .. ), for the entries `keys` (default: all)."""
+    n_proc, proc = jax.process_count(), jax.process_index()
+    part = rows.take(np.sort(idx.reshape(n_proc, -1)[proc]) if n_proc > 1 else idx)
+    return {
+        k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in part.items() if keys is None or k in keys
+    }
+
+
 def put_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """This process's rows of a global batch -> global arrays (one host: the whole batch)."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

@@ -35,7 +35,14 @@ from dsla_jax.training.layerwise import layer_inputs, row_batches, split_layers
 from dsla_jax.training.metrics_log import MetricsLog
 from dsla_jax.training.optim import lr_schedule, make_optimizer
 from dsla_jax.training.params import SEP, Flat, layer_index, merge
-from dsla_jax.training.sharding import batch_sharding, check_batch, param_shardings, put_batch, replicated
+from dsla_jax.training.sharding import (
+    batch_sharding,
+    check_batch,
+    local_micro_batches,
+    param_shardings,
+    put_batch,
+    replicated,
+)
 from dsla_jax.training.step import NonFiniteLoss, opt_state_shardings
 
 
@@ -228,17 +235,14 @@ def run_transfer(
     step_fn, opt_init = compile_transfer(spec, opt, mesh, mixer, rest, frozen, teacher_flat)
     opt_state = opt_init(mixer)
     b_sh = batch_sharding(mesh)
-    n_proc, proc = jax.process_count(), jax.process_index()
-    is_main = proc == 0
+    is_main = jax.process_index() == 0
     tokens = skipped = 0
     first = last = {}
     bar = tqdm(total=t.steps, desc="attention transfer", disable=not (cfg.log.progress and is_main), unit="step")
     for s in range(t.steps):
         idx = iterator.next_indices()
-        part = rows.take(np.sort(idx.reshape(n_proc, -1)[proc]) if n_proc > 1 else idx)
         n_tokens = int(rows.valid[idx].sum())
-        local = {k: part[k].reshape(accum, -1, *part[k].shape[1:]) for k in ("tokens", "valid")}
-        batch = put_batch(local, b_sh)
+        batch = put_batch(local_micro_batches(rows, idx, accum, keys=("tokens", "valid")), b_sh)
         t0 = time.perf_counter()
         mixer, opt_state, m = step_fn(mixer, opt_state, rest, frozen, teacher_flat, batch)
         m = jax.device_get(m)
