@@ -190,6 +190,24 @@ def test_resume_after_the_attention_transfer_does_not_redo_it(assets, tmp_path, 
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+def test_every_stage_is_evaluated_right_after_the_transfer(assets, tmp_path):
+    extra = {
+        "transfer.steps": 2,
+        "chain.stages": "[1, 2]",
+        "chain.steps_per_layer": 1,
+        "eval.sources": f"[{assets['corpus']}]",
+        "eval.window": 32,
+        "eval.max_tokens": 256,
+    }
+    summary = run_distillation(cfg_of(assets, tmp_path / "run", **extra))
+    names = [e["name"] for e in summary["evals"]]
+    assert names == ["teacher", "fresh 2/3", "transferred 1/3", "transferred 2/3", "trained 1/3", "trained 2/3"]
+    transferred = {e["name"]: e for e in summary["evals"] if e["name"].startswith("transferred")}
+    assert transferred["transferred 1/3"]["layers"] == ORDER[:1]
+    assert transferred["transferred 2/3"]["layers"] == ORDER
+    assert all(e["tokens"] == summary["transfer_tokens"] for e in transferred.values())
+
+
 def test_resume_refuses_another_model(assets, tmp_path):
     out = tmp_path / "run"
     run_distillation(cfg_of(assets, out, **{"chain.steps_per_layer": 1, "chain.stages": "[1]"}))

@@ -225,6 +225,13 @@ def _run(
             "config": cfg.to_dict(),
         }
 
+    def evaluate_hybrid(name: str, layers: list[int], hybrid: Llama) -> dict[str, Any]:
+        """Evaluate `hybrid` on the eval sets and record the result (run position and metrics log)."""
+        record = {"name": name, "layers": layers, "results": evaluate(hybrid, sets, cfg), "tokens": pos.tokens}
+        pos.evals.append(record)
+        log.write("eval", **record)
+        return record["results"]
+
     def export_stage(n: int, directory: Path) -> Llama:
         """Evaluate (once per stage) and write the hybrid with the first n layers of the order converted."""
         layers = list(plan.order[:n])
@@ -233,10 +240,7 @@ def _run(
         done = next((r for r in pos.evals if r["name"] == name), None)
         results = done["results"] if done else None
         if sets and done is None:
-            results = evaluate(hybrid, sets, cfg)
-            record = {"name": name, "layers": layers, "results": results, "tokens": pos.tokens}
-            pos.evals.append(record)
-            log.write("eval", **record)
+            results = evaluate_hybrid(name, layers, hybrid)
         if is_main:
             full = llama_state_dict(hybrid) if cfg.chain.train_mlp or cfg.chain.train_norms else {}
             shared = {k: full[k] for k in trained_shared_keys(full, tuple(layers), cfg.chain)}
@@ -269,14 +273,7 @@ def _run(
             for n in plan.stages:
                 layers = list(plan.order[:n])
                 hybrid = make_hybrid(student_graph, trainable, frozen, layers)
-                record = {
-                    "name": f"transferred {n}/{num_layers}",
-                    "layers": layers,
-                    "results": evaluate(hybrid, sets, cfg),
-                    "tokens": pos.tokens,
-                }
-                pos.evals.append(record)
-                log.write("eval", **record)
+                evaluate_hybrid(f"transferred {n}/{num_layers}", layers, hybrid)
                 say(f"evaluated the transferred hybrid with {n} layers")
         ckpts.save(0, {"params": trainable, "opt_state": opt_state}, meta_now())
         if limit and time.perf_counter() - started > limit:
