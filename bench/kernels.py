@@ -32,7 +32,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU mem
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+
+from bench.common import rel_err  # noqa: E402
 
 SHAPES = [(1, 2048), (1, 8192), (1, 32768), (8, 2048), (4, 8192)]
 H, D = 32, 128
@@ -57,14 +58,6 @@ def time_jax(fn, *args, reps: int = 7, inner: int = 10) -> float:
         jax.block_until_ready(out)
         ts.append((time.perf_counter() - t0) / inner * 1e3)
     return statistics.median(ts)
-
-
-def rel_err(ref, out) -> float:
-    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
-    out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
-    if not np.isfinite(out).all():
-        return float("nan")
-    return float(np.sqrt(np.mean((out - ref) ** 2)) / max(np.sqrt(np.mean(ref**2)), 1e-30))
 
 
 def record(**row):

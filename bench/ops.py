@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from bench.common import rel_err
 from dsla_jax.ops import utils
 from dsla_jax.ops.dsla import dsla_attention
 from dsla_jax.ops.dsla.chunk import chunk_dsla_fused, chunk_dsla_two
@@ -115,12 +116,6 @@ def measure(fn: Callable, args: tuple, repeats: int, run: bool = True) -> dict[s
     return out
 
 
-def rel_rms(x: jax.Array, ref: jax.Array) -> float:
-    """RMS of x - ref over RMS of ref, in float32."""
-    x, ref = x.astype(jnp.float32), ref.astype(jnp.float32)
-    return float(jnp.sqrt(jnp.mean((x - ref) ** 2) / jnp.mean(ref**2)))
-
-
 def bench_shape(shape, dtype, repeats: int, impls: list[str], skip_naive_bwd_above: int | None) -> list[dict]:
     B, H, D, T = shape
     x = make_inputs(B, H, D, T, dtype)
@@ -138,7 +133,7 @@ def bench_shape(shape, dtype, repeats: int, impls: list[str], skip_naive_bwd_abo
                 out = jax.jit(fn)(*args)
                 if impl == "naive":
                     reference = out
-                row["err"] = None if reference is None else rel_rms(out, reference)
+                row["err"] = None if reference is None else rel_err(reference, out)
             rows.append(row)
             print(fmt_row(rows[-1]), flush=True)
     fwd, grad = softmax_fns()
