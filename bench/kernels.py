@@ -309,7 +309,14 @@ QUICK_FWD = (
     "split C64 V64 w8 bf16-store s2",
     "split C64 V64 w8 kd-bf16",
 )
-QUICK_BWD = ("bwdC32 w8", "bwdC32 w4", "bwdC32 w8 state-tf32", "bwdC32 w8 all-tf32")
+QUICK_BWD = (
+    "bwd split C64 w8",
+    "bwd split C64 w4",
+    "bwd split C32 w8",
+    "bwd split C64 w8 state-tf32",
+    "bwd split C64 w8 all-tf32",
+    "bwd fused C32 w8",
+)
 
 
 def sweep_variants():
@@ -399,17 +406,60 @@ def split_parts(args, interpret: bool, cfg=None):
 
 
 def bwd_variants():
-    base = dict(chunk=64, block_v=64, num_warps=8, bwd_chunk=32, bwd_num_warps=8)
+    """Backward variants: "bwd split ..." the split backward (the default: per-chunk states, then every chunk in
+    parallel), "bwd fused ..." the older dq / dkv kernels. C: bwd_chunk, w: bwd_num_warps, rw: warps of the state
+    passes; state-tf32 / all-tf32: single-pass tf32 instead of 3-pass for the state matmuls / every matmul."""
+    split = dict(chunk=64, block_v=64, bwd="split", bwd_chunk=64, bwd_num_warps=8, rec_num_warps=8)
+    fused = dict(chunk=64, block_v=64, bwd="fused", bwd_chunk=32, bwd_num_warps=8)
     return [
-        ("bwdC32 w8", base),
-        ("bwdC32 w4", {**base, "bwd_num_warps": 4}),
-        ("bwdC16 w4", {**base, "bwd_chunk": 16, "bwd_num_warps": 4}),
-        ("bwdC64 w8", {**base, "bwd_chunk": 64}),
-        ("bwdC32 w8 intra-bf16", {**base, "intra_dot": "bf16"}),
-        # precision of the backward (default: 3-pass tf32 everywhere; see pallas_gpu._bwd_numerics)
-        ("bwdC32 w8 state-tf32", {**base, "bwd_state_dot": "tf32"}),
-        ("bwdC32 w8 all-tf32", {**base, "bwd_dot": "tf32"}),
+        ("bwd split C64 w8", split),
+        ("bwd split C64 w4", {**split, "bwd_num_warps": 4}),
+        ("bwd split C32 w4", {**split, "bwd_chunk": 32, "bwd_num_warps": 4}),
+        ("bwd split C32 w8", {**split, "bwd_chunk": 32}),
+        ("bwd split C64 w8 rw4", {**split, "rec_num_warps": 4}),
+        ("bwd split C64 w8 state-tf32", {**split, "bwd_state_dot": "tf32"}),
+        ("bwd split C64 w8 all-tf32", {**split, "bwd_dot": "tf32"}),
+        ("bwd fused C32 w8", fused),
+        ("bwd fused C32 w8 all-tf32", {**fused, "bwd_dot": "tf32"}),
     ]
+
+
+def bwd_parts(args, interpret: bool, cfg=None):
+    """Times the split backward's kernels separately (default config) with their HBM bytes and TB/s."""
+    from dsla_jax.ops.dsla import pallas_gpu as kg
+    from dsla_jax.ops.dsla import pallas_gpu_bwd as kb
+
+    cfg = cfg or kg.GpuConfig()
+    q, k, v, g1, g2, mix = args
+    B, T, Hh, K = q.shape
+    V = v.shape[-1]
+    BH, N = B * Hh, T // cfg.bwd_chunk
+    P = cfg.num_segments or kg.pick_segments(BH, T // cfg.chunk, V // min(cfg.block_v, V))
+    it = q.dtype.itemsize
+    tok = B * T * Hh * K  # elements of one [B, T, H, K] tensor
+    st = 2 * BH * N * K * V * 4  # one pass's per-chunk states, float32
+    s0 = jnp.zeros((BH, P, 2, K, V), jnp.float32)
+    kw = dict(scale=K**-0.5, cfg=cfg, P=P, interpret=interpret)
+    seg = jax.jit(
+        lambda *a: kg.seg_states_gpu(*a, P=P, first=1, count=P - 1, cfg=cfg, reverse=True, interpret=interpret)
+    )
+    fwd_st = jax.jit(lambda *a: kb.chunk_states_gpu(*a, reverse=False, **kw))
+    rev_st = jax.jit(lambda *a: kb.chunk_states_gpu(*a, reverse=True, **kw))
+    hs, _ = fwd_st(mix, k, v, g1, g2, s0)
+    chunk = jax.jit(lambda *a: kb.bwd_chunk_gpu(*a, scale=K**-0.5, cfg=cfg, interpret=interpret))
+    parts = [
+        ("rev seg", seg, (q, v, g1, g2), (P - 1) / P * 4 * tok * it),
+        ("states", fwd_st, (mix, k, v, g1, g2, s0), 4 * tok * it + st),
+        ("states rev", rev_st, (mix, q, v, g1, g2, s0), 4 * tok * it + st),
+        ("chunk", chunk, (mix, q, k, v, v, g1, g2, hs, hs), 6 * tok * it + 2 * st + 5 * tok * it + 2 * BH * N * K * 4),
+    ]
+    for name, f, a, nbytes in parts if P > 1 else parts[1:]:
+        try:
+            ms = time_jax(f, *a)
+            record(impl=f"bwd part {name} P{P}", B=B, T=T, pass_="bwd", ms=ms, GB=nbytes / 1e9, TBps=nbytes / ms / 1e9)
+        except Exception as e:
+            record(impl=f"bwd part {name}", B=B, T=T, pass_="bwd", error=f"{type(e).__name__}: {str(e)[:300]}")
+            traceback.print_exc(limit=2)
 
 
 def run_sweep(interpret: bool, budget_s: float, quick: bool = False):
@@ -434,6 +484,8 @@ def run_sweep(interpret: bool, budget_s: float, quick: bool = False):
         bench_jax_layer("pallas " + label, pallas_fn(cfg, interpret, cfg.chunk), args, B=B, T=T, ref=ref, bwd=False)
     log(f"== split forward parts B{B} T{T} (default config)")
     split_parts(args, interpret)
+    log(f"== split backward parts B{B} T{T} (default config)")
+    bwd_parts(args, interpret)
     log(f"== backward sweep B{B} T{T}")
     for label, kw in bwd_variants():
         if quick and label not in QUICK_BWD:
@@ -484,13 +536,20 @@ def config_from_sweep(path: str):
         for r in rows
         if r["pass_"] == "fwd" and "ms" in r and r["impl"][7:] in fwd and (r["err_vs_xla"] or 1) < 1.5e-3
     ]
-    ok_b = [r for r in rows if r["pass_"] == "fwd+bwd" and "ms" in r and r["impl"][7:] in bwd]
+    # Backward tiles only from variants at the default precision (the tf32 ones are timed, not trusted).
+    ok_b = [
+        r for r in rows if r["pass_"] == "fwd+bwd" and "ms" in r and r["impl"][7:] in bwd and "tf32" not in r["impl"]
+    ]
     if not ok_f:
         return None
     kw = dict(fwd[min(ok_f, key=lambda r: r["ms"])["impl"][7:]])
     if ok_b:
         bk = bwd[min(ok_b, key=lambda r: r["ms"])["impl"][7:]]
-        kw.update(bwd_chunk=min(bk["bwd_chunk"], kw["chunk"]), bwd_num_warps=bk["bwd_num_warps"])
+        kw.update(
+            bwd=bk["bwd"],
+            bwd_chunk=min(bk["bwd_chunk"], kw["chunk"]),
+            bwd_num_warps=bk["bwd_num_warps"],
+        )
     cfg = GpuConfig(**{k: v for k, v in kw.items() if k != "num_segments"})
     log(f"config from sweep: {cfg}")
     return cfg

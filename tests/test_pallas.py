@@ -164,6 +164,16 @@ def test_gpu_kernels_interpret(case):
     check_against_oracle(pallas_fn("gpu", chunk, cfg), args, dtype)
 
 
+@pytest.mark.parametrize("case", GPU_CASES[:2], ids=[case_id(*c) for c in GPU_CASES[:2]])
+def test_gpu_fused_backward_interpret(case):
+    """The older backward (`GpuConfig.bwd = "fused"`: dq forward and dk / dv backward in time, per state) still
+    agrees with the oracle; the default (split) one is `test_gpu_kernels_interpret`'s."""
+    B, T, H, Hk, K, V, dtype, gates, chunk, P = case
+    args = make_inputs(T, B, T, H, Hk, K, V, dtype, gates)
+    cfg = GpuConfig(chunk=chunk, block_v=min(32, V), num_segments=P, bwd_chunk=min(16, chunk), bwd="fused")
+    check_against_oracle(pallas_fn("gpu", chunk, cfg), args, dtype)
+
+
 SPLIT_CASES = [
     # B, T, H, Hk, K, V, dtype, gates, chunk, segments
     (2, 45, 4, 2, 32, 32, jnp.float32, ("strong", "logsig"), 16, 3),
@@ -223,13 +233,13 @@ def _kernel_primitives(fn, args) -> dict[str, set[str]]:
     return found
 
 
-@pytest.mark.parametrize("fwd", ["split", "fused"])
-def test_gpu_kernels_lower_for_triton(fwd):
+@pytest.mark.parametrize(("fwd", "bwd", "n_fwd", "n_grad"), [("split", "split", 3, 7), ("fused", "fused", 2, 5)])
+def test_gpu_kernels_lower_for_triton(fwd, bwd, n_fwd, n_grad):
     """Forward and backward lower to Triton for CUDA (on any host: `lowering_platforms`), and the kernels use no
     `select_n` (the jax 0.11 lowering mistypes its weak scalar operands) and no `cond` (tensor-valued scf.if)."""
     B, T, H, K = 1, 256, 2, 128
     args = [jax.ShapeDtypeStruct((B, T, H, K), jnp.bfloat16)] * 5 + [jax.ShapeDtypeStruct((2,), jnp.float32)]
-    cfg = GpuConfig(fwd=fwd, num_segments=2)
+    cfg = GpuConfig(fwd=fwd, bwd=bwd, num_segments=2, bwd_chunk=64 if bwd == "split" else 32)
 
     def f(q, k, v, g1, g2, mix):
         return dsla_attention_pallas(q, k, v, g1, g2, mix, backend="gpu", config=cfg)[0]
@@ -238,7 +248,7 @@ def test_gpu_kernels_lower_for_triton(fwd):
         return jnp.sum(f(*a).astype(jnp.float32))
 
     g = jax.grad(loss, argnums=(0, 1, 2, 3, 4))
-    for fn, n_kernels in ((f, 3 if fwd == "split" else 2), (g, 6 if fwd == "split" else 5)):
+    for fn, n_kernels in ((f, n_fwd), (g, n_grad)):
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("__gpu$xla.gpu.triton") == n_kernels
         prims = _kernel_primitives(fn, args)

@@ -100,23 +100,44 @@ def _gpu_fwd(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret):
     return o, s_T[:, P - 1], s_in
 
 
+def _segment_adjoints(q, do, g1, g2, w, ds_T, *, scale, cfg, P, interpret):
+    """Adjoints of the states leaving each segment [B * H, P, 2, K, V]: reverse segment summaries chained in XLA."""
+    from dsla_jax.ops.dsla import pallas_gpu as kg
+
+    if P == 1:
+        return ds_T[:, None]
+    ws = w * scale
+    lsum, dec = kg.seg_states_gpu(q, do, g1, g2, P=P, first=1, count=P - 1, cfg=cfg, reverse=True, interpret=interpret)
+    dec = dec[:, :, 0]
+    ds_end = [ds_T]
+    for p in range(P - 2, -1, -1):  # segment p ends where segment p + 1 starts
+        ds_end.append(jnp.exp(dec[:, p])[..., None] * ds_end[-1] + ws[None, :, None, None] * lsum[:, p])
+    return jnp.stack(ds_end[::-1], axis=1)
+
+
+def _gpu_bwd_split(res, do, ds_T, *, scale, cfg, P, interpret):
+    """All gradients by the split backward (`pallas_gpu_bwd`): per-chunk states forward, adjoints backward, then
+    every chunk in parallel. Returns (dq, dk, dv, dg1, dg2, dw, dh0) of the padded problem."""
+    from dsla_jax.ops.dsla import pallas_gpu_bwd as kb
+
+    q, k, v, g1, g2, w, s_in, _ = res
+    ds_end = _segment_adjoints(q, do, g1, g2, w, ds_T, scale=scale, cfg=cfg, P=P, interpret=interpret)
+    kw = dict(scale=scale, cfg=cfg, P=P, interpret=interpret)
+    hs, _ = kb.chunk_states_gpu(w, k, v, g1, g2, s_in, reverse=False, **kw)
+    ds, ds_start = kb.chunk_states_gpu(w, q, do, g1, g2, ds_end, reverse=True, **kw)
+    dq, dk, dv, dg1, dg2, dw = kb.bwd_chunk_gpu(
+        w, q, k, v, do, g1, g2, hs, ds, scale=scale, cfg=cfg, interpret=interpret
+    )
+    return dq, dk, dv, dg1, dg2, jnp.sum(dw, axis=(1, 2, 3)), ds_start[:, 0]
+
+
 def _gpu_bwd(res, do, ds_T, *, scale, cfg, P, interpret):
-    """Gradients of the padded problem. ds_T: [B * H, 2, K, V]. Returns per-state (dq_s, dk_s, dv_s) and dh0."""
+    """Gradients of the padded problem by the older backward (`GpuConfig.bwd = "fused"`). ds_T: [B * H, 2, K, V].
+    Returns per-state (dq_s, dk_s, dv_s), dh0 and the chunk-boundary gate terms."""
     from dsla_jax.ops.dsla import pallas_gpu as kg
 
     q, k, v, g1, g2, w, s_in, _ = res
-    ws = w * scale
-    if P > 1:
-        lsum, dec = kg.seg_states_gpu(
-            q, do, g1, g2, P=P, first=1, count=P - 1, cfg=cfg, reverse=True, interpret=interpret
-        )
-        dec = dec[:, :, 0]
-        ds_end = [ds_T]
-        for p in range(P - 2, -1, -1):  # segment p ends where segment p + 1 starts
-            ds_end.append(jnp.exp(dec[:, p])[..., None] * ds_end[-1] + ws[None, :, None, None] * lsum[:, p])
-        ds_end = jnp.stack(ds_end[::-1], axis=1)
-    else:
-        ds_end = ds_T[:, None]
+    ds_end = _segment_adjoints(q, do, g1, g2, w, ds_T, scale=scale, cfg=cfg, P=P, interpret=interpret)
     g = jnp.stack([g1, g2])
     dq_s, s_chunks = kg.bwd_dq_gpu(q, k, v, do, g, s_in, scale=scale, cfg=cfg, P=P, interpret=interpret)
     dk_s, dv_s, ds_start, c = kg.bwd_dkv_gpu(
@@ -187,10 +208,16 @@ def _core(backend: str, scale: float, cfg, P: int, interpret):
     def core_bwd(res, cts):
         do, ds_T = cts
         q, k, v, g1, g2, w, s_in, s_T = res
-        B, T, H, K = q.shape
         do = do.astype(q.dtype)
         ds_T = ds_T.astype(f32)
+        if backend == "gpu" and cfg.bwd == "split":
+            dq, dk, dv, dg1, dg2, dw, dh0 = _gpu_bwd_split(
+                res, do, ds_T, scale=scale, cfg=cfg, P=P, interpret=interpret
+            )
+            return dq, dk, dv, dg1, dg2, dw.astype(w.dtype), dh0
         if backend == "gpu":
+            if cfg.bwd != "fused":
+                raise ValueError(f"GpuConfig.bwd must be 'split' or 'fused', got {cfg.bwd!r}")
             dq_s, dk_s, dv_s, dh0, c = _gpu_bwd(res, do, ds_T, scale=scale, cfg=cfg, P=P, interpret=interpret)
             chunk = cfg.bwd_chunk
         else:
@@ -214,8 +241,8 @@ def _core(backend: str, scale: float, cfg, P: int, interpret):
 
 
 def _gpu_config(chunk_size: int, config, dtype):
-    """Default GPU tiles for `chunk_size`; bfloat16 runs use tf32 matmuls in the forward and 3-pass tf32 in the
-    backward, float32 runs exact float32 ones."""
+    """Default GPU tiles for `chunk_size` (the split backward at the forward's chunk size); bfloat16 runs use tf32
+    matmuls in the forward and 3-pass tf32 in the backward, float32 runs exact float32 ones."""
     from dsla_jax.ops.dsla.pallas_gpu import GpuConfig
 
     if config is None:
@@ -223,7 +250,7 @@ def _gpu_config(chunk_size: int, config, dtype):
         dot = "tf32" if bf16 else "ieee"
         config = GpuConfig(
             chunk=chunk_size,
-            bwd_chunk=min(32, chunk_size),
+            bwd_chunk=chunk_size,
             state_dot=dot,
             intra_dot=dot,
             bwd_dot="tf32x3" if bf16 else "ieee",

@@ -77,6 +77,9 @@ class GpuConfig:
         rec_num_warps, rec_num_stages: the same for the split form's segment and recurrent kernels. One stage by
             default: a float32 64-token chunk loads 4 x 32 KB of decayed q / k per step, two buffers of which would
             not fit the 227 KB of shared memory of an H100 (bfloat16 storage or 32-token chunks can take 2-3).
+        bwd: "split" (two passes store every chunk's state and adjoint, then one kernel computes all gradients of
+            every chunk in parallel; `pallas_gpu_bwd`) or "fused" (a dq pass forward and a dk / dv pass backward in
+            time, one state per program; `bwd_dq_gpu`, `bwd_dkv_gpu`).
         bwd_chunk, bwd_num_warps, bwd_num_stages: the same for the backward kernels (bwd_chunk divides chunk).
         state_dot: operand precision of the matmuls with a state: "tf32", "tf32x3", "bf16" or "ieee" (float32 exact).
         intra_dot: operand precision of the intra-chunk matmuls (scores and scores @ v).
@@ -91,7 +94,7 @@ class GpuConfig:
     num_segments: int | None = None
     num_warps: int = 8
     num_stages: int = 2
-    bwd_chunk: int = 32
+    bwd_chunk: int = 64
     bwd_num_warps: int = 8
     bwd_num_stages: int = 2
     state_dot: str = "tf32"
@@ -100,6 +103,7 @@ class GpuConfig:
     bwd_state_dot: str | None = None
     thresh: float = THRESH
     fwd: str = "split"
+    bwd: str = "split"
     split_dtype: str = "float32"
     intra_num_warps: int = 8
     intra_num_stages: int = 1
