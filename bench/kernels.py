@@ -440,20 +440,18 @@ def bwd_parts(args, interpret: bool, cfg=None):
     st = 2 * BH * N * K * V * 4  # one pass's per-chunk states, float32
     s0 = jnp.zeros((BH, P, 2, K, V), jnp.float32)
     kw = dict(scale=K**-0.5, cfg=cfg, P=P, interpret=interpret)
-    seg = jax.jit(
-        lambda *a: kg.seg_states_gpu(*a, P=P, first=1, count=P - 1, cfg=cfg, reverse=True, interpret=interpret)
-    )
     fwd_st = jax.jit(lambda *a: kb.chunk_states_gpu(*a, reverse=False, **kw))
-    rev_st = jax.jit(lambda *a: kb.chunk_states_gpu(*a, reverse=True, **kw))
+    rev_st = jax.jit(lambda *a: kb.chunk_states_gpu(*a, None, reverse=True, **kw))
     hs, _ = fwd_st(mix, k, v, g1, g2, s0)
-    chunk = jax.jit(lambda *a: kb.bwd_chunk_gpu(*a, scale=K**-0.5, cfg=cfg, interpret=interpret))
+    dl, e, _, _ = rev_st(mix, q, v, g1, g2)
+    grads = jax.jit(lambda *a: kb.bwd_grads_gpu(*a, **kw))
     parts = [
-        ("rev seg", seg, (q, v, g1, g2), (P - 1) / P * 4 * tok * it),
         ("states", fwd_st, (mix, k, v, g1, g2, s0), 4 * tok * it + st),
-        ("states rev", rev_st, (mix, q, v, g1, g2, s0), 4 * tok * it + st),
-        ("chunk", chunk, (mix, q, k, v, v, g1, g2, hs, hs), 6 * tok * it + 2 * st + 5 * tok * it + 2 * BH * N * K * 4),
+        ("adjoints", rev_st, (mix, q, v, g1, g2), 4 * tok * it + st),
+        # dq/dk: 6 inputs, 2 state sets, 4 outputs; dv: 5 inputs, 1 state set, 1 output
+        ("dqk+dv", grads, (mix, q, k, v, v, g1, g2, hs, dl, e, s0), 11 * tok * it + 3 * st + 5 * tok * it),
     ]
-    for name, f, a, nbytes in parts if P > 1 else parts[1:]:
+    for name, f, a, nbytes in parts:
         try:
             ms = time_jax(f, *a)
             record(impl=f"bwd part {name} P{P}", B=B, T=T, pass_="bwd", ms=ms, GB=nbytes / 1e9, TBps=nbytes / ms / 1e9)
@@ -462,7 +460,7 @@ def bwd_parts(args, interpret: bool, cfg=None):
             traceback.print_exc(limit=2)
 
 
-def run_sweep(interpret: bool, budget_s: float, quick: bool = False):
+def run_sweep(interpret: bool, budget_s: float, quick: bool = False, only: str | None = None):
     from dsla_jax.ops.dsla.pallas_gpu import GpuConfig
 
     t_start = time.time()
@@ -475,20 +473,22 @@ def run_sweep(interpret: bool, budget_s: float, quick: bool = False):
         log("xla path unavailable:", e)
     log(f"== forward sweep B{B} T{T}")
     for label, kw in sweep_variants():
-        if quick and label not in QUICK_FWD:
+        if (quick and label not in QUICK_FWD) or only == "bwd":
             continue
         if time.time() - t_start > budget_s:
             log("   sweep budget spent, skipping", label)
             continue
         cfg = GpuConfig(**kw)
         bench_jax_layer("pallas " + label, pallas_fn(cfg, interpret, cfg.chunk), args, B=B, T=T, ref=ref, bwd=False)
-    log(f"== split forward parts B{B} T{T} (default config)")
-    split_parts(args, interpret)
-    log(f"== split backward parts B{B} T{T} (default config)")
-    bwd_parts(args, interpret)
+    if only != "bwd":
+        log(f"== split forward parts B{B} T{T} (default config)")
+        split_parts(args, interpret)
+    if only != "fwd":
+        log(f"== split backward parts B{B} T{T} (default config)")
+        bwd_parts(args, interpret)
     log(f"== backward sweep B{B} T{T}")
     for label, kw in bwd_variants():
-        if quick and label not in QUICK_BWD:
+        if (quick and label not in QUICK_BWD) or only == "fwd":
             continue
         if time.time() - t_start > budget_s:
             log("   sweep budget spent, skipping", label)
@@ -508,7 +508,7 @@ def run_sweep(interpret: bool, budget_s: float, quick: bool = False):
             record(impl="pallas " + label, B=B, T=T, pass_="fwd+bwd", error=f"{type(e).__name__}: {str(e)[:300]}")
             traceback.print_exc(limit=2)
     if quick:  # the table times the exact path; here only the decode tiles remain
-        if not interpret:
+        if not interpret and only is None:
             decode_rows(sweep=True)
         return
     log("== gates at -50 (exact intra-chunk path)")
@@ -615,6 +615,7 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="time tile/launch variants instead of the table")
     ap.add_argument("--sweep-budget", type=float, default=330.0, help="seconds after which the sweep stops")
     ap.add_argument("--quick", action="store_true", help="sweep only the main variants")
+    ap.add_argument("--only", choices=("fwd", "bwd"), default=None, help="sweep only forward or backward variants")
     ap.add_argument("--no-fla", action="store_true", help="skip flash-linear-attention")
     ap.add_argument("--fla-bwd", action="store_true", help="also time FLA forward+backward (autotunes for minutes)")
     ap.add_argument("--no-xla", action="store_true", help="skip the project's XLA path")
@@ -642,7 +643,7 @@ def main(argv=None):
         dtype="bfloat16",
     )
     if a.sweep:
-        run_sweep(interpret, a.sweep_budget, a.quick)
+        run_sweep(interpret, a.sweep_budget, a.quick, a.only)
     else:
         config = config_from_sweep(a.config_from) if a.config_from else None
         if config is not None:

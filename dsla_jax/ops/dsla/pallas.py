@@ -116,19 +116,18 @@ def _segment_adjoints(q, do, g1, g2, w, ds_T, *, scale, cfg, P, interpret):
 
 
 def _gpu_bwd_split(res, do, ds_T, *, scale, cfg, P, interpret):
-    """All gradients by the split backward (`pallas_gpu_bwd`): per-chunk states forward, adjoints backward, then
-    every chunk in parallel. Returns (dq, dk, dv, dg1, dg2, dw, dh0) of the padded problem."""
+    """All gradients by the split backward (`pallas_gpu_bwd`): per-chunk states forward, segment-local adjoints
+    backward (chained in XLA), then every chunk in parallel. Returns (dq, dk, dv, dg1, dg2, dw, dh0) of the padded
+    problem."""
     from dsla_jax.ops.dsla import pallas_gpu_bwd as kb
 
     q, k, v, g1, g2, w, s_in, _ = res
-    ds_end = _segment_adjoints(q, do, g1, g2, w, ds_T, scale=scale, cfg=cfg, P=P, interpret=interpret)
     kw = dict(scale=scale, cfg=cfg, P=P, interpret=interpret)
     hs, _ = kb.chunk_states_gpu(w, k, v, g1, g2, s_in, reverse=False, **kw)
-    ds, ds_start = kb.chunk_states_gpu(w, q, do, g1, g2, ds_end, reverse=True, **kw)
-    dq, dk, dv, dg1, dg2, dw = kb.bwd_chunk_gpu(
-        w, q, k, v, do, g1, g2, hs, ds, scale=scale, cfg=cfg, interpret=interpret
-    )
-    return dq, dk, dv, dg1, dg2, jnp.sum(dw, axis=(1, 2, 3)), ds_start[:, 0]
+    dl, e, send, dend = kb.chunk_states_gpu(w, q, do, g1, g2, None, reverse=True, **kw)
+    ds_end, dh0 = kb.chain_adjoints(ds_T, send, dend[:, :, 0])
+    dq, dk, dv, dg1, dg2, dw = kb.bwd_grads_gpu(w, q, k, v, do, g1, g2, hs, dl, e, ds_end, **kw)
+    return dq, dk, dv, dg1, dg2, jnp.sum(dw, axis=(1, 2, 3)), dh0
 
 
 def _gpu_bwd(res, do, ds_T, *, scale, cfg, P, interpret):

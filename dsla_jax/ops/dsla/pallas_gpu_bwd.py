@@ -1,30 +1,37 @@
 """Split backward of the DSLA GPU kernels (Triton lowering; `GpuConfig.bwd = "split"`, the default): FLA's structure.
 
-Two sequential passes store one [K, V] float32 state per chunk and state, then one kernel does all the rest for every
-chunk in parallel, both states in one program, and writes the final gradients (no per-state float32 pieces, no XLA
-gradient assembly):
+Two sequential passes store one [K, V] float32 state per chunk and state, then two kernels compute every gradient of
+every chunk in parallel, both states in one program, and write the final gradients (no per-state float32 pieces):
 
-* `chunk_states_gpu(reverse=False)`: H_c, the state entering chunk c (from the forward's segment-entering states);
-* `chunk_states_gpu(reverse=True)`: D_c, the adjoint of the state leaving chunk c (from the segment-end adjoints
-  that `pallas_gpu.seg_states_gpu(reverse=True)` and an XLA chain give), and the initial-state gradient;
-* `bwd_chunk_gpu`: per chunk c, state s (weight w_s, scale sc, ws = sc w_s, b the chunk-local inclusive gate cumsum,
-  bL its last row, dA_ij = do_i . v_j):
+* `chunk_states_gpu(reverse=False)`: H_c, the state entering chunk c, each segment from the state entering it (the
+  forward's residual).
+* `chunk_states_gpu(reverse=True)`: the adjoint recurrence D_{c-1} = exp(bL_c) D_c + ws (q_c * exp(b_c))^T do_c
+  run from zero at every segment's end, all segments in parallel. It stores the segment-local adjoint of the state
+  leaving each chunk, Dloc_c, and the decay from that chunk's end to its segment's end, e_c (a product of exp(bL)).
+  The caller chains the segments' totals in XLA to the adjoints leaving each segment, dS_end[p]; then the true
+  adjoint is D_c = Dloc_c + e_c * dS_end[p(c)], formed where it is read. (No reverse summary pass over the sequence
+  beforehand: that pass cost as much as the states pass itself.)
+* `bwd_dqk_gpu`, per chunk c and state s (weight w_s, scale sc, ws = sc w_s, b the chunk-local inclusive gate
+  cumsum, bL its last row, dA_ij = do_i . v_j):
 
       dq_s,i  = sc [ exp(b_i) * (do_i H_c^T) + sum_{j <= i} dA_ij k_j * exp(b_i - b_j) ]
       dk_s,j  = exp(bL - b_j) * (v_j D_c^T) + ws sum_{i >= j} dA_ij q_i * exp(b_i - b_j)
-      dv_s,j  = (k_j * exp(bL - b_j)) D_c + ws sum_{i >= j} A_ij do_i
       dg_s,t  = sum_{i >= t in the chunk} (w_s q_i * dq_s,i - k_i * dk_s,i) + sum_V H_{c+1} * D_c
       dw_s    = sum_t q_t . dq_s,t
 
-  dq = sum_s w_s dq_s, dk = sum_s dk_s, dv = sum_s dv_s. The i = j terms of dq and dk (sc (do_i . v_i) k_i and
-  ws (do_i . v_i) q_i) carry no decay and cancel exactly in w_s q * dq_s - k * dk_s: they are left out of that sum
-  and added to dq, dk directly (see `pallas._finish_grads`, the same gate gradient for the older kernels). The
-  boundary term sum_V H_{c+1} * D_c is the exact gate gradient at the next chunk's first token, formed in the program
-  from H_c. Intra-chunk exponents as the forward (`pallas_gpu._fwd_terms`): the fast tensor-core path
-  when the chunk's decay range is at most `thresh`, else an elementwise loop with every exponent <= 0.
+  and writes dq = sum_s w_s dq_s, dk = sum_s dk_s, dg_s. The [K, V] states are streamed in [K, BV] tiles (a loop
+  over value tiles), never held whole. The i = j terms of dq and dk (sc (do_i . v_i) k_i and ws (do_i . v_i) q_i)
+  carry no decay and cancel exactly in w_s q * dq_s - k * dk_s: they are left out of that sum and added to dq, dk
+  directly (the same gate gradient as `pallas._finish_grads` for the older kernels). sum_V H_{c+1} * D_c, the exact
+  gate gradient at the next chunk's first token, is exp(bL) sum_V H_c * D_c + sum_j kd_j * (v_j D_c^T).
+* `bwd_dv_gpu`, per chunk: dv_j = sum_s (k_j * exp(bL - b_j)) D_c + ws sum_{i >= j} A_ij do_i, one value tile at a
+  time.
+
+Intra-chunk exponents as the forward (`pallas_gpu._fwd_terms`): the fast tensor-core path when the chunk's decay
+range is at most `thresh`, else an elementwise loop with every exponent <= 0.
 
 Bytes at B1 T8192 H32 D128 (bf16 inputs, 64-token chunks): each state pass reads 0.27 GB and writes 0.54 GB; the
-chunk kernel reads 0.40 GB of inputs and 1.07 GB of states and writes 0.34 GB of gradients.
+dq / dk kernel reads 0.40 GB of inputs and 1.07 GB of states, the dv kernel 0.27 GB and 0.54 GB.
 """
 
 from __future__ import annotations
@@ -40,13 +47,13 @@ from dsla_jax.ops.dsla.pallas_gpu import (
     GpuConfig,
     Numerics,
     _bwd_numerics,
-    _causal,
     _col,
     _compiler_params,
     _decay_from,
     _decays,
     _exact_trips,
     _fast_factors,
+    _fwd_terms,
     _gate_sums,
     _mm,
     _onehot,
@@ -60,134 +67,192 @@ f32 = jnp.float32
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Per-chunk states (forward H_c and reverse adjoints D_c)
+# Per-chunk states (forward H_c; reverse segment-local adjoints Dloc_c with their decays to the segment end)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _states_kernel(w_ref, x_ref, y_ref, g1_ref, g2_ref, s0_ref, st_ref, send_ref, *, H, BT, BV, NC, reverse, scale, nm):
+def _states_kernel(w_ref, x_ref, y_ref, g1_ref, g2_ref, s0_ref, st_ref, send_ref, *, H, BT, BV, NC, nm):
     iv, bh, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)  # value tiles adjacent: L2 reuse
     b, h = lax.div(bh, H), lax.rem(bh, H)  # non-negative: no floor-division selects
     vs = pl.ds(iv * BV, BV)
-    ws1, ws2 = (w_ref[0] * scale, w_ref[1] * scale) if reverse else (1.0, 1.0)
 
     def body(n, carry):
         s1, s2 = carry
-        c = p * NC + (NC - 1 - n if reverse else n)
+        c = p * NC + n
         ts = pl.ds(c * BT, BT)
-        st_ref[0, bh, c, :, vs] = s1  # entering chunk c (forward) / leaving it (reverse)
+        st_ref[0, bh, c, :, vs] = s1  # the state entering chunk c
         st_ref[1, bh, c, :, vs] = s2
         x = x_ref[b, ts, h, :].astype(f32)
         y = y_ref[b, ts, h, vs].astype(f32)
-        s1, _ = seg_chunk(x, y * ws1, g1_ref[b, ts, h, :].astype(f32), s1, 0.0, reverse=reverse, nm=nm)
-        s2, _ = seg_chunk(x, y * ws2, g2_ref[b, ts, h, :].astype(f32), s2, 0.0, reverse=reverse, nm=nm)
+        s1, _ = seg_chunk(x, y, g1_ref[b, ts, h, :].astype(f32), s1, 0.0, reverse=False, nm=nm)
+        s2, _ = seg_chunk(x, y, g2_ref[b, ts, h, :].astype(f32), s2, 0.0, reverse=False, nm=nm)
         return s1, s2
 
     s1, s2 = lax.fori_loop(0, NC, body, (s0_ref[bh, p, 0, :, vs], s0_ref[bh, p, 1, :, vs]))
-    send_ref[bh, p, 0, :, vs] = s1  # forward: leaving the segment; reverse: entering it
+    send_ref[bh, p, 0, :, vs] = s1
     send_ref[bh, p, 1, :, vs] = s2
 
 
-def chunk_states_gpu(
-    w, x, y, g1, g2, s0, *, scale: float, cfg: GpuConfig, P: int, reverse: bool, interpret=False
-) -> tuple[jax.Array, jax.Array]:
-    """The state of every chunk for both states, each segment walked from its given start in parallel.
+def _adjoint_kernel(
+    w_ref, x_ref, y_ref, g1_ref, g2_ref, st_ref, e_ref, send_ref, dend_ref, *, H, BT, BV, NC, scale, nm
+):
+    iv, bh, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, h = lax.div(bh, H), lax.rem(bh, H)
+    vs = pl.ds(iv * BV, BV)
+    ws1, ws2 = w_ref[0] * scale, w_ref[1] * scale
+    K = x_ref.shape[-1]
 
-    Forward (x = k, y = v, s0 = states entering each segment): stores H_c, the state entering chunk c, and returns
-    each segment's final states. Reverse (x = q, y = do, s0 = adjoints leaving each segment): stores D_c, the adjoint
-    of the state leaving chunk c (the recurrence D_{c-1} = exp(bL_c) D_c + ws (q_c * exp(b_c))^T do_c), and returns
-    the adjoints entering each segment (segment 0's is the initial-state gradient).
+    def body(n, carry):
+        s1, s2, e1, e2 = carry
+        c = p * NC + NC - 1 - n
+        ts = pl.ds(c * BT, BT)
+        st_ref[0, bh, c, :, vs] = s1  # the segment-local adjoint of the state leaving chunk c
+        st_ref[1, bh, c, :, vs] = s2
+        e_ref[0, bh, c, iv, :] = e1  # decay from chunk c's end to the segment's end (the same for every value tile)
+        e_ref[1, bh, c, iv, :] = e2
+        x = x_ref[b, ts, h, :].astype(f32)
+        y = y_ref[b, ts, h, vs].astype(f32)
+        s1, d1 = seg_chunk(x, y * ws1, g1_ref[b, ts, h, :].astype(f32), s1, 0.0, reverse=True, nm=nm)
+        s2, d2 = seg_chunk(x, y * ws2, g2_ref[b, ts, h, :].astype(f32), s2, 0.0, reverse=True, nm=nm)
+        return s1, s2, e1 * jnp.exp(d1), e2 * jnp.exp(d2)
+
+    z, one = jnp.zeros((K, BV), f32), jnp.ones((K,), f32)
+    s1, s2, e1, e2 = lax.fori_loop(0, NC, body, (z, z, one, one))
+    send_ref[bh, p, 0, :, vs] = s1  # the segment's own adjoint entering it
+    send_ref[bh, p, 1, :, vs] = s2
+    dend_ref[bh, p, iv, 0, :] = e1  # the segment's total decay
+    dend_ref[bh, p, iv, 1, :] = e2
+
+
+def chunk_states_gpu(w, x, y, g1, g2, s0, *, scale: float, cfg: GpuConfig, P: int, reverse: bool, interpret=False):
+    """The state (forward) or segment-local adjoint (reverse) at every chunk, for both states, segments in parallel.
+
+    Forward (x = k, y = v, s0 = the states entering each segment [B * H, P, 2, K, V]): returns the state entering
+    every chunk [2, B * H, N, K, V] and each segment's final states [B * H, P, 2, K, V].
+    Reverse (x = q, y = do, s0 ignored: every segment starts from zero at its end): returns the segment-local adjoint
+    of the state leaving every chunk [2, B * H, N, K, V], the decay from every chunk's end to its segment's end
+    [2, B * H, N, nv, K] (value tiles nv, all equal), each segment's local adjoint entering it [B * H, P, 2, K, V]
+    and its total decay [B * H, P, nv, 2, K].
 
     Args:
-        w: [2] float32 mix; x, g1, g2: [B, T, H, K]; y: [B, T, H, V]; s0: [B * H, P, 2, K, V] float32.
-
-    Returns:
-        per-chunk states [2, B * H, N, K, V] and per-segment end states [B * H, P, 2, K, V], float32
-        (N = T / bwd_chunk).
+        w: [2] float32 mix; x, g1, g2: [B, T, H, K]; y: [B, T, H, V]; T = P * (chunks per segment) * bwd_chunk.
     """
     B, T, H, K = x.shape
     V = y.shape[-1]
     BT, BV = cfg.bwd_chunk, min(cfg.block_v, V)
-    NC = T // (P * BT)
-    kernel = functools.partial(
-        _states_kernel, H=H, BT=BT, BV=BV, NC=NC, reverse=reverse, scale=scale, nm=_bwd_numerics(cfg)
-    )
+    NC, N, nv = T // (P * BT), T // BT, V // BV
+    nm = _bwd_numerics(cfg)
+    st = jax.ShapeDtypeStruct((2, B * H, N, K, V), f32)
+    ends = jax.ShapeDtypeStruct((B * H, P, 2, K, V), f32)
+    if reverse:
+        kernel = functools.partial(_adjoint_kernel, H=H, BT=BT, BV=BV, NC=NC, scale=scale, nm=nm)
+        out_shape = (
+            st,
+            jax.ShapeDtypeStruct((2, B * H, N, nv, K), f32),
+            ends,
+            jax.ShapeDtypeStruct((B * H, P, nv, 2, K), f32),
+        )
+        args = (w, x, y, g1, g2)
+    else:
+        kernel = functools.partial(_states_kernel, H=H, BT=BT, BV=BV, NC=NC, nm=nm)
+        out_shape = (st, ends)
+        args = (w, x, y, g1, g2, s0)
     return pl.pallas_call(
         kernel,
-        out_shape=(
-            jax.ShapeDtypeStruct((2, B * H, T // BT, K, V), f32),
-            jax.ShapeDtypeStruct((B * H, P, 2, K, V), f32),
-        ),
-        grid=(V // BV, B * H, P),
+        out_shape=out_shape,
+        grid=(nv, B * H, P),
         compiler_params=_compiler_params(cfg.rec_num_warps, cfg.rec_num_stages, interpret),
         interpret=interpret,
-        name="dsla_bwd_states_rev" if reverse else "dsla_bwd_states",
-    )(w, x, y, g1, g2, s0)
+        name="dsla_bwd_adjoints" if reverse else "dsla_bwd_states",
+    )(*args)
+
+
+def chain_adjoints(ds_T, send, dend):
+    """Adjoints of the states leaving each segment [B * H, P, 2, K, V] and the initial-state gradient
+    [B * H, 2, K, V], from the adjoint of the final states ds_T [B * H, 2, K, V] and the reverse pass's
+    per-segment local adjoints `send` and decays `dend` [B * H, P, 2, K] (XLA; P is small)."""
+    P = send.shape[1]
+    ds_end = [ds_T]
+    for p in range(P - 1, 0, -1):  # segment p - 1 ends where segment p starts
+        ds_end.append(dend[:, p][..., None] * ds_end[-1] + send[:, p])
+    dh0 = dend[:, 0][..., None] * ds_end[-1] + send[:, 0]
+    return jnp.stack(ds_end[::-1], axis=1), dh0
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# All gradients of one chunk, both states (every chunk in parallel)
+# Gradients of every chunk in parallel, both states per program
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _intra_grads(q, k, b, bL, R, da, nm: Numerics):
-    """Intra-chunk pieces for one state: (A masked to j <= i, sum_{j<i} dA_ij k_j e^(b_i-b_j),
-    sum_{i>j} dA_ij q_i e^(b_i-b_j), exp(b), exp(bL - b)); da = do v^T masked to j < i."""
-    BT = q.shape[0]
+def _intra_dqk(q, k, b, bL, R, da, nm: Numerics):
+    """Intra-chunk pieces of one state: (sum_{j<i} dA_ij k_j e^(b_i-b_j), sum_{i>j} dA_ij q_i e^(b_i-b_j), exp(b),
+    exp(bL - b)), da = do v^T masked to j < i; the fast path or, past the decay range bound, the exact loop."""
     ef, ei, em = _fast_factors(b, bL, 0.5 * nm.thresh)
-    qf, kf = q * ef, k * ei
-    a = _mm(qf, kf, nm.intra_dot, tb=True)  # fast path: exact for R <= thresh
     trips = _exact_trips(R, nm.thresh, 1)
-    dqi = ef * _mm(da, kf, nm.intra_dot) * (1 - trips).astype(f32)  # the exact path accumulates from zero
-    dki = ei * _mm(da, qf, nm.intra_dot, ta=True)
+    dqi = ef * _mm(da, k * ei, nm.intra_dot) * (1 - trips).astype(f32)  # the exact path accumulates from zero
+    dki = ei * _mm(da, q * ef, nm.intra_dot, ta=True)
     eq, ek = _decays(b, bL, ef, ei, em, trips)
 
-    def col(j, carry):  # exact path: column j of A, dq's column-j terms, dk's row j; every exponent <= 0
-        a, dqi, dki = carry
+    def col(j, carry):  # exact path: dq's column-j terms and dk's row j, every exponent <= 0
+        dqi, dki = carry
         e = _decay_from(b, j)  # [BT(i), K]
-        kj = _row(k, j)[None, :]
         daj = _col(da, j)[:, None]
-        c = jnp.sum(q * kj * e, axis=1)
         r = jnp.sum(daj * q * e, axis=0)
-        return (
-            _put(a, _onehot((BT, BT), 1, j), c[:, None]),
-            dqi + daj * kj * e,
-            _put(dki, _onehot(q.shape, 0, j), r[None, :]),
-        )
+        return dqi + daj * _row(k, j)[None, :] * e, _put(dki, _onehot(q.shape, 0, j), r[None, :])
 
-    a, dqi, dki = lax.fori_loop(0, trips * BT, col, (a, dqi, dki))
-    return a * _causal(BT), dqi, dki, eq, ek
+    dqi, dki = lax.fori_loop(0, trips * q.shape[0], col, (dqi, dki))
+    return dqi, dki, eq, ek
 
 
-def _chunk_kernel(
-    w_ref, q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, hs_ref, ds_ref, dq_ref, dk_ref, dv_ref, dg1_ref, dg2_ref,
-    dw_ref, *, H, BT, scale, nm, cum_dot,
+def _dqk_kernel(
+    w_ref, q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, hs_ref, dl_ref, e_ref, dend_ref, dq_ref, dk_ref, dg1_ref,
+    dg2_ref, dw_ref, *, H, BT, BV, NC, scale, nm, cum_dot,
 ):  # fmt: skip
     bh, c = pl.program_id(0), pl.program_id(1)
     b, h = lax.div(bh, H), lax.rem(bh, H)  # non-negative: no floor-division selects
+    p = lax.div(c, NC)
     ts = pl.ds(c * BT, BT)
+    V = v_ref.shape[-1]
+    nv = V // BV
+
+    def dav(iv, carry):  # dA = do v^T and the diagonal do_i . v_i, over value tiles
+        da, dvd = carry
+        vs = pl.ds(iv * BV, BV)
+        do, v = do_ref[b, ts, h, vs].astype(f32), v_ref[b, ts, h, vs].astype(f32)
+        return da + _mm(do, v, nm.intra_dot, tb=True), dvd + jnp.sum(do * v, axis=1)[:, None]
+
+    da, dvd = lax.fori_loop(0, nv, dav, (jnp.zeros((BT, BT), f32), jnp.zeros((BT, 1), f32)))
+    da = da * _strict(BT)  # j < i
     q = q_ref[b, ts, h, :].astype(f32)  # [BT, K]
     k = k_ref[b, ts, h, :].astype(f32)
-    v = v_ref[b, ts, h, :].astype(f32)  # [BT, V]
-    do = do_ref[b, ts, h, :].astype(f32)
-    da = _mm(do, v, nm.intra_dot, tb=True) * _strict(BT)  # [BT(i), BT(j)] = do_i . v_j, j < i
-    dvd = jnp.sum(do * v, axis=1)[:, None]  # do_i . v_i: the i = j terms
+    K = q.shape[1]
     upper = 1.0 - _strict(BT)  # [t, i]: 1 where i >= t
-    dq = dk = dv = None
+    dq = dk = None
     for s, (g_ref, dg_ref) in enumerate(((g1_ref, dg1_ref), (g2_ref, dg2_ref))):
         w = w_ref[s]
         ws = w * scale
         bg, bL, R = _gate_sums(g_ref[b, ts, h, :].astype(f32), nm.tril)
-        a, dqi, dki, eq, ek = _intra_grads(q, k, bg, bL, R, da, nm)
-        hs = hs_ref[s, bh, c]  # [K, V] entering the chunk
-        dS = ds_ref[s, bh, c]  # [K, V] adjoint of the state leaving it
+        dqi, dki, eq, ek = _intra_dqk(q, k, bg, bL, R, da, nm)
+        e_c = e_ref[s, bh, c, 0, :][:, None]  # decay from the chunk's end to the segment's end
+
+        def states(iv, carry, s=s, e_c=e_c):  # the [K, V] states in [K, BV] tiles
+            dqh, vds, hsum = carry
+            vs = pl.ds(iv * BV, BV)
+            hs = hs_ref[s, bh, c, :, vs]  # entering the chunk
+            dS = dl_ref[s, bh, c, :, vs] + e_c * dend_ref[bh, p, s, :, vs]  # adjoint of the state leaving it
+            do, v = do_ref[b, ts, h, vs].astype(f32), v_ref[b, ts, h, vs].astype(f32)
+            return (
+                dqh + _mm(do, hs, nm.state_dot, tb=True),
+                vds + _mm(v, dS, nm.state_dot, tb=True),
+                hsum + jnp.sum(hs * dS, axis=1),
+            )
+
+        z = jnp.zeros((BT, K), f32)
+        dqh, vds, hsum = lax.fori_loop(0, nv, states, (z, z, jnp.zeros((K,), f32)))
+        dq_s = scale * (dqh * eq + dqi)  # unweighted, without i = j
         kd = k * ek
-        vds = _mm(v, dS, nm.state_dot, tb=True)  # [BT, K] = v_j D_c^T
-        dq_s = scale * (_mm(do, hs, nm.state_dot, tb=True) * eq + dqi)  # unweighted, without i = j
         dk_s = vds * ek + ws * dki  # without i = j
-        dv_s = _mm(kd, dS, nm.state_dot) + ws * _mm(a, do, nm.intra_dot, ta=True)
-        # sum_V H_{c+1} * D_c with H_{c+1} = exp(bL) H_c + kd^T v, the second term as sum_j kd_j * (v_j D_c^T):
-        # no [K, V] matmul, no H_{c+1} tile.
-        nxt = jnp.exp(bL) * jnp.sum(hs * dS, axis=1) + jnp.sum(kd * vds, axis=0)  # [K]
+        nxt = jnp.exp(bL) * hsum + jnp.sum(kd * vds, axis=0)  # sum_V H_{c+1} * D_c, [K]
         r = w * q * dq_s - k * dk_s
         rev = _mm(upper, r, cum_dot)  # sum_{i >= t} r_i: a 0/1 matmul, accurate at 3-pass tf32 or float32
         dg_ref[b, ts, h, :] = (rev + nxt[None, :]).astype(dg_ref.dtype)
@@ -195,20 +260,45 @@ def _chunk_kernel(
         dw_ref[s, bh, c, :] = jnp.sum(q * dq_full, axis=0)
         dq = w * dq_full if dq is None else dq + w * dq_full
         dk = dk_s if dk is None else dk + dk_s
-        dv = dv_s if dv is None else dv + dv_s
     dk = dk + (w_ref[0] + w_ref[1]) * scale * dvd * q
     dq_ref[b, ts, h, :] = dq.astype(dq_ref.dtype)
     dk_ref[b, ts, h, :] = dk.astype(dk_ref.dtype)
-    dv_ref[b, ts, h, :] = dv.astype(dv_ref.dtype)
 
 
-def bwd_chunk_gpu(w, q, k, v, do, g1, g2, hs, ds, *, scale: float, cfg: GpuConfig, interpret=False):
-    """Every input gradient, every chunk in parallel, from the per-chunk states of `chunk_states_gpu`.
+def _dv_kernel(
+    w_ref, q_ref, k_ref, do_ref, g1_ref, g2_ref, dl_ref, e_ref, dend_ref, dv_ref, *, H, BT, BV, NC, scale, nm
+):
+    bh, c = pl.program_id(0), pl.program_id(1)
+    b, h = lax.div(bh, H), lax.rem(bh, H)
+    p = lax.div(c, NC)
+    ts = pl.ds(c * BT, BT)
+    q = q_ref[b, ts, h, :].astype(f32)
+    k = k_ref[b, ts, h, :].astype(f32)
+    _, kd1, a1, _ = _fwd_terms(q, k, g1_ref[b, ts, h, :].astype(f32), nm)
+    _, kd2, a2, _ = _fwd_terms(q, k, g2_ref[b, ts, h, :].astype(f32), nm)
+    a = a1 * (w_ref[0] * scale) + a2 * (w_ref[1] * scale)  # [BT(i), BT(j)], j <= i
+    e1, e2 = e_ref[0, bh, c, 0, :][:, None], e_ref[1, bh, c, 0, :][:, None]
+
+    def tile(iv, _):
+        vs = pl.ds(iv * BV, BV)
+        d1 = dl_ref[0, bh, c, :, vs] + e1 * dend_ref[bh, p, 0, :, vs]
+        d2 = dl_ref[1, bh, c, :, vs] + e2 * dend_ref[bh, p, 1, :, vs]
+        dv = _mm(kd1, d1, nm.state_dot) + _mm(kd2, d2, nm.state_dot)
+        dv = dv + _mm(a, do_ref[b, ts, h, vs].astype(f32), nm.intra_dot, ta=True)
+        dv_ref[b, ts, h, vs] = dv.astype(dv_ref.dtype)
+        return 0
+
+    lax.fori_loop(0, dv_ref.shape[-1] // BV, tile, 0)
+
+
+def bwd_grads_gpu(w, q, k, v, do, g1, g2, hs, dl, e, ds_end, *, scale: float, cfg: GpuConfig, P: int, interpret=False):
+    """Every input gradient, every chunk in parallel (two kernels), from `chunk_states_gpu`'s per-chunk states.
 
     Args:
         w: [2] float32 mix; q, k, g1, g2: [B, T, H, K]; v, do: [B, T, H, V];
-        hs: [2, B * H, N, K, V] states entering each chunk; ds: [2, B * H, N, K, V] adjoints of the states leaving
-        each chunk (N = T / bwd_chunk), float32.
+        hs: [2, B * H, N, K, V] states entering each chunk; dl: [2, B * H, N, K, V] segment-local adjoints of the
+        states leaving each chunk and e [2, B * H, N, nv, K] their decays to the segment end; ds_end:
+        [B * H, P, 2, K, V] adjoints of the states leaving each segment (`chain_adjoints`); all float32.
 
     Returns:
         dq, dk [B, T, H, K] and dv [B, T, H, V] in q's dtype, dg1, dg2 [B, T, H, K] in g1's dtype, and per-chunk
@@ -216,23 +306,33 @@ def bwd_chunk_gpu(w, q, k, v, do, g1, g2, hs, ds, *, scale: float, cfg: GpuConfi
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    BT = cfg.bwd_chunk
+    BT, BV = cfg.bwd_chunk, min(cfg.block_v, V)
     N = T // BT
+    NC = N // P
     nm = _bwd_numerics(cfg)
     cum_dot = "ieee" if nm.intra_dot == "ieee" else "tf32x3"
-    kernel = functools.partial(_chunk_kernel, H=H, BT=BT, scale=scale, nm=nm, cum_dot=cum_dot)
-    return pl.pallas_call(
-        kernel,
+    params = _compiler_params(cfg.bwd_num_warps, cfg.bwd_num_stages, interpret)
+    kw = dict(H=H, BT=BT, BV=BV, NC=NC, scale=scale, nm=nm)
+    dq, dk, dg1, dg2, dw = pl.pallas_call(
+        functools.partial(_dqk_kernel, cum_dot=cum_dot, **kw),
         out_shape=(
             jax.ShapeDtypeStruct((B, T, H, K), q.dtype),
             jax.ShapeDtypeStruct((B, T, H, K), q.dtype),
-            jax.ShapeDtypeStruct((B, T, H, V), q.dtype),
             jax.ShapeDtypeStruct((B, T, H, K), g1.dtype),
             jax.ShapeDtypeStruct((B, T, H, K), g1.dtype),
             jax.ShapeDtypeStruct((2, B * H, N, K), f32),
         ),
         grid=(B * H, N),
-        compiler_params=_compiler_params(cfg.bwd_num_warps, cfg.bwd_num_stages, interpret),
+        compiler_params=params,
         interpret=interpret,
-        name="dsla_bwd_chunk",
-    )(w, q, k, v, do, g1, g2, hs, ds)
+        name="dsla_bwd_dqk",
+    )(w, q, k, v, do, g1, g2, hs, dl, e, ds_end)
+    dv = pl.pallas_call(
+        functools.partial(_dv_kernel, **kw),
+        out_shape=jax.ShapeDtypeStruct((B, T, H, V), q.dtype),
+        grid=(B * H, N),
+        compiler_params=params,
+        interpret=interpret,
+        name="dsla_bwd_dv",
+    )(w, q, k, do, g1, g2, dl, e, ds_end)
+    return dq, dk, dv, dg1, dg2, dw
