@@ -310,11 +310,12 @@ QUICK_FWD = (
     "split C64 V64 w8 kd-bf16",
 )
 QUICK_BWD = (
-    "bwd split C64 w8",
-    "bwd split C64 w4",
-    "bwd split C32 w8",
-    "bwd split C64 w8 state-tf32",
-    "bwd split C64 w8 all-tf32",
+    "bwd split C64 V32 w8",
+    "bwd split C64 V32 w4",
+    "bwd split C64 V64 w8",
+    "bwd split C32 V32 w4",
+    "bwd split C64 V32 w8 state-tf32",
+    "bwd split C64 V32 w8 all-tf32",
     "bwd fused C32 w8",
 )
 
@@ -407,20 +408,23 @@ def split_parts(args, interpret: bool, cfg=None):
 
 def bwd_variants():
     """Backward variants: "bwd split ..." the split backward (the default: per-chunk states, then every chunk in
-    parallel), "bwd fused ..." the older dq / dkv kernels. C: bwd_chunk, w: bwd_num_warps, rw: warps of the state
-    passes; state-tf32 / all-tf32: single-pass tf32 instead of 3-pass for the state matmuls / every matmul."""
-    split = dict(chunk=64, block_v=64, bwd="split", bwd_chunk=64, bwd_num_warps=8, rec_num_warps=8)
+    parallel), "bwd fused ..." the older dq / dkv kernels. C: bwd_chunk, V: the gradient kernels' value tile, w: their
+    warps, rw: warps of the state passes; state-tf32 / all-tf32: single-pass tf32 instead of 3-pass for the state
+    matmuls / every matmul."""
+    split = dict(chunk=64, block_v=64, bwd="split", bwd_chunk=64, grads_block_v=32, grads_num_warps=8)
     fused = dict(chunk=64, block_v=64, bwd="fused", bwd_chunk=32, bwd_num_warps=8)
     return [
-        ("bwd split C64 w8", split),
-        ("bwd split C64 w4", {**split, "bwd_num_warps": 4}),
-        ("bwd split C32 w4", {**split, "bwd_chunk": 32, "bwd_num_warps": 4}),
-        ("bwd split C32 w8", {**split, "bwd_chunk": 32}),
-        ("bwd split C64 w8 rw4", {**split, "rec_num_warps": 4}),
-        ("bwd split C64 w8 state-tf32", {**split, "bwd_state_dot": "tf32"}),
-        ("bwd split C64 w8 all-tf32", {**split, "bwd_dot": "tf32"}),
+        ("bwd split C64 V32 w8", split),
+        ("bwd split C64 V32 w4", {**split, "grads_num_warps": 4}),
+        ("bwd split C64 V64 w8", {**split, "grads_block_v": 64}),
+        ("bwd split C64 V16 w8", {**split, "grads_block_v": 16}),
+        ("bwd split C32 V32 w4", {**split, "bwd_chunk": 32, "grads_num_warps": 4}),
+        ("bwd split C32 V64 w8", {**split, "bwd_chunk": 32, "grads_block_v": 64}),
+        ("bwd split C64 V32 w8 s2", {**split, "grads_num_stages": 2}),
+        ("bwd split C64 V32 w8 rw4", {**split, "rec_num_warps": 4}),
+        ("bwd split C64 V32 w8 state-tf32", {**split, "bwd_state_dot": "tf32"}),
+        ("bwd split C64 V32 w8 all-tf32", {**split, "bwd_dot": "tf32"}),
         ("bwd fused C32 w8", fused),
-        ("bwd fused C32 w8 all-tf32", {**fused, "bwd_dot": "tf32"}),
     ]
 
 
@@ -545,11 +549,8 @@ def config_from_sweep(path: str):
     kw = dict(fwd[min(ok_f, key=lambda r: r["ms"])["impl"][7:]])
     if ok_b:
         bk = bwd[min(ok_b, key=lambda r: r["ms"])["impl"][7:]]
-        kw.update(
-            bwd=bk["bwd"],
-            bwd_chunk=min(bk["bwd_chunk"], kw["chunk"]),
-            bwd_num_warps=bk["bwd_num_warps"],
-        )
+        kw.update({k: v for k, v in bk.items() if k.startswith("grads_") or k in ("bwd", "bwd_num_warps")})
+        kw.update(bwd_chunk=min(bk["bwd_chunk"], kw["chunk"]))
     cfg = GpuConfig(**{k: v for k, v in kw.items() if k != "num_segments"})
     log(f"config from sweep: {cfg}")
     return cfg

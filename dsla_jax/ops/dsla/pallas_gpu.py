@@ -80,7 +80,11 @@ class GpuConfig:
         bwd: "split" (two passes store every chunk's state and adjoint, then one kernel computes all gradients of
             every chunk in parallel; `pallas_gpu_bwd`) or "fused" (a dq pass forward and a dk / dv pass backward in
             time, one state per program; `bwd_dq_gpu`, `bwd_dkv_gpu`).
-        bwd_chunk, bwd_num_warps, bwd_num_stages: the same for the backward kernels (bwd_chunk divides chunk).
+        grads_block_v, grads_num_warps, grads_num_stages: the split backward's gradient kernels: the value tile in
+            which they stream the [K, V] states, and Triton launch parameters. One stage: the software pipeliner
+            double-buffers the float32 state tiles of the value loop, which overflowed the H100's shared memory.
+        bwd_chunk, bwd_num_warps, bwd_num_stages: the chunk of both backward forms (it divides chunk) and the launch
+            parameters of the fused one's kernels.
         state_dot: operand precision of the matmuls with a state: "tf32", "tf32x3", "bf16" or "ieee" (float32 exact).
         intra_dot: operand precision of the intra-chunk matmuls (scores and scores @ v).
         bwd_dot: operand precision of every matmul of the backward kernels (see `_bwd_numerics`).
@@ -104,6 +108,9 @@ class GpuConfig:
     thresh: float = THRESH
     fwd: str = "split"
     bwd: str = "split"
+    grads_block_v: int = 32
+    grads_num_warps: int = 8
+    grads_num_stages: int = 1
     split_dtype: str = "float32"
     intra_num_warps: int = 8
     intra_num_stages: int = 1

@@ -306,12 +306,12 @@ def bwd_grads_gpu(w, q, k, v, do, g1, g2, hs, dl, e, ds_end, *, scale: float, cf
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    BT, BV = cfg.bwd_chunk, min(cfg.block_v, V)
+    BT, BV = cfg.bwd_chunk, min(cfg.grads_block_v, V)
     N = T // BT
     NC = N // P
     nm = _bwd_numerics(cfg)
     cum_dot = "ieee" if nm.intra_dot == "ieee" else "tf32x3"
-    params = _compiler_params(cfg.bwd_num_warps, cfg.bwd_num_stages, interpret)
+    params = _compiler_params(cfg.grads_num_warps, cfg.grads_num_stages, interpret)
     kw = dict(H=H, BT=BT, BV=BV, NC=NC, scale=scale, nm=nm)
     dq, dk, dg1, dg2, dw = pl.pallas_call(
         functools.partial(_dqk_kernel, cum_dot=cum_dot, **kw),
