@@ -296,22 +296,18 @@ def decode_rows(B=64, interpret=False, sweep=False):
 
 
 QUICK_FWD = (
-    "C64 V64 w8",
     "split C64 V64 w8",
-    "split C64 V64 w4",
-    "split C64 V128 w8",
-    "split C64 V64 w8 s2",
-    "split C32 V64 w4 s2",
-    "split C32 V64 w8 s2",
-    "split C32 V128 w8 s2",
+    "split C64 V64 w8 K32",
+    "split C64 V64 w8 K128",
     "split C64 V64 w8 iw4",
-    "split C64 V64 w8 P4",
-    "split C64 V64 w8 bf16-store s2",
+    "split C32 V64 w8 s2",
     "split C64 V64 w8 kd-bf16",
 )
 QUICK_BWD = (
     "bwd split C64 V32 w8",
     "bwd split C64 V32 w4",
+    "bwd split C64 V32 w8 K32",
+    "bwd split C64 V32 w4 K32",
     "bwd split C64 V64 w8",
     "bwd split C32 V32 w4",
     "bwd split C64 V32 w8 state-tf32",
@@ -346,12 +342,15 @@ def sweep_variants():
         rec_num_warps=8,
         rec_num_stages=1,
         intra_num_warps=8,
+        block_k=64,
         split_dtype="float32",
         state_dot="tf32",
         intra_dot="tf32",
     )
     for label, upd in [
         ("split C64 V64 w8", {}),
+        ("split C64 V64 w8 K32", dict(block_k=32)),
+        ("split C64 V64 w8 K128", dict(block_k=128)),
         ("split C64 V64 w4", dict(rec_num_warps=4)),
         ("split C64 V128 w8", dict(block_v=128)),
         ("split C64 V64 w8 s2", dict(rec_num_stages=2)),  # may exceed shared memory (float32 64-token tiles)
@@ -421,6 +420,8 @@ def bwd_variants():
         ("bwd split C32 V32 w4", {**split, "bwd_chunk": 32, "grads_num_warps": 4}),
         ("bwd split C32 V64 w8", {**split, "bwd_chunk": 32, "grads_block_v": 64}),
         ("bwd split C64 V32 w8 s2", {**split, "grads_num_stages": 2}),
+        ("bwd split C64 V32 w8 K32", {**split, "block_k": 32}),
+        ("bwd split C64 V32 w4 K32", {**split, "block_k": 32, "grads_num_warps": 4}),
         ("bwd split C64 V32 w8 rw4", {**split, "rec_num_warps": 4}),
         ("bwd split C64 V32 w8 state-tf32", {**split, "bwd_state_dot": "tf32"}),
         ("bwd split C64 V32 w8 all-tf32", {**split, "bwd_dot": "tf32"}),

@@ -160,7 +160,10 @@ def case_id(B, T, H, Hk, K, V, dtype, gates, chunk, P):
 def test_gpu_kernels_interpret(case):
     B, T, H, Hk, K, V, dtype, gates, chunk, P = case
     args = make_inputs(T, B, T, H, Hk, K, V, dtype, gates)
-    cfg = GpuConfig(chunk=chunk, block_v=min(32, V), num_segments=P, bwd_chunk=min(16, chunk))
+    # 16-wide key and value tiles: several tiles per head in every kernel that loops over them or splits them.
+    cfg = GpuConfig(
+        chunk=chunk, block_v=min(32, V), block_k=16, grads_block_v=16, num_segments=P, bwd_chunk=min(16, chunk)
+    )
     check_against_oracle(pallas_fn("gpu", chunk, cfg), args, dtype)
 
 
@@ -288,7 +291,9 @@ def test_gates_at_minus_50(backend):
     """
     args = make_inputs(5, 1, 37, 2, 1, 32, 32, jnp.float32, ("min", "min"))
     fn = pallas_fn(
-        backend, 16, GpuConfig(chunk=16, block_v=32, num_segments=2, bwd_chunk=16) if backend == "gpu" else None
+        backend,
+        16,
+        GpuConfig(chunk=16, block_v=32, block_k=16, num_segments=2, bwd_chunk=16) if backend == "gpu" else None,
     )
     check_against_oracle(fn, args, jnp.float32, skip=("dg1", "dg2"))
     cts = tuple(jnp.ones_like(x, jnp.float32) for x in oracle(*args))

@@ -24,8 +24,13 @@ every chunk in parallel, both states in one program, and write the final gradien
   carry no decay and cancel exactly in w_s q * dq_s - k * dk_s: they are left out of that sum and added to dq, dk
   directly (the same gate gradient as `pallas._finish_grads` for the older kernels). sum_V H_{c+1} * D_c, the exact
   gate gradient at the next chunk's first token, is exp(bL) sum_V H_c * D_c + sum_j kd_j * (v_j D_c^T).
-* `bwd_dv_gpu`, per chunk: dv_j = sum_s (k_j * exp(bL - b_j)) D_c + ws sum_{i >= j} A_ij do_i, one value tile at a
-  time.
+* `bwd_dv_gpu`, per chunk and value tile: dv_j = sum_s (k_j * exp(bL - b_j)) D_c + ws sum_{i >= j} A_ij do_i, the
+  scores and the state term summed over key tiles.
+
+Register pressure sets the tiling (v2 of this backward held whole [K, V] states and [BT, K] tiles per program: 255
+registers and 16 GB of spill traffic per call at B1 T8192 on an H200). Everything but the scores A is separate per key
+channel, so the state passes and the dq / dk kernel take [BT, block_k] tiles of q, k, g and [block_k, BV] tiles of
+the states; the dv kernel sums A over key tiles.
 
 Intra-chunk exponents as the forward (`pallas_gpu._fwd_terms`): the fast tensor-core path when the chunk's decay
 range is at most `thresh`, else an elementwise loop with every exponent <= 0.
@@ -71,57 +76,56 @@ f32 = jnp.float32
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _states_kernel(w_ref, x_ref, y_ref, g1_ref, g2_ref, s0_ref, st_ref, send_ref, *, H, BT, BV, NC, nm):
-    iv, bh, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)  # value tiles adjacent: L2 reuse
+def _states_kernel(w_ref, x_ref, y_ref, g1_ref, g2_ref, s0_ref, st_ref, send_ref, *, H, BT, BK, BV, NC, nm):
+    iv, ik, bh, p = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)  # tiles adjacent: L2
     b, h = lax.div(bh, H), lax.rem(bh, H)  # non-negative: no floor-division selects
-    vs = pl.ds(iv * BV, BV)
+    ks, vs = pl.ds(ik * BK, BK), pl.ds(iv * BV, BV)
 
     def body(n, carry):
         s1, s2 = carry
         c = p * NC + n
         ts = pl.ds(c * BT, BT)
-        st_ref[0, bh, c, :, vs] = s1  # the state entering chunk c
-        st_ref[1, bh, c, :, vs] = s2
-        x = x_ref[b, ts, h, :].astype(f32)
+        st_ref[0, bh, c, ks, vs] = s1  # the state entering chunk c
+        st_ref[1, bh, c, ks, vs] = s2
+        x = x_ref[b, ts, h, ks].astype(f32)
         y = y_ref[b, ts, h, vs].astype(f32)
-        s1, _ = seg_chunk(x, y, g1_ref[b, ts, h, :].astype(f32), s1, 0.0, reverse=False, nm=nm)
-        s2, _ = seg_chunk(x, y, g2_ref[b, ts, h, :].astype(f32), s2, 0.0, reverse=False, nm=nm)
+        s1, _ = seg_chunk(x, y, g1_ref[b, ts, h, ks].astype(f32), s1, 0.0, reverse=False, nm=nm)
+        s2, _ = seg_chunk(x, y, g2_ref[b, ts, h, ks].astype(f32), s2, 0.0, reverse=False, nm=nm)
         return s1, s2
 
-    s1, s2 = lax.fori_loop(0, NC, body, (s0_ref[bh, p, 0, :, vs], s0_ref[bh, p, 1, :, vs]))
-    send_ref[bh, p, 0, :, vs] = s1
-    send_ref[bh, p, 1, :, vs] = s2
+    s1, s2 = lax.fori_loop(0, NC, body, (s0_ref[bh, p, 0, ks, vs], s0_ref[bh, p, 1, ks, vs]))
+    send_ref[bh, p, 0, ks, vs] = s1
+    send_ref[bh, p, 1, ks, vs] = s2
 
 
 def _adjoint_kernel(
-    w_ref, x_ref, y_ref, g1_ref, g2_ref, st_ref, e_ref, send_ref, dend_ref, *, H, BT, BV, NC, scale, nm
+    w_ref, x_ref, y_ref, g1_ref, g2_ref, st_ref, e_ref, send_ref, dend_ref, *, H, BT, BK, BV, NC, scale, nm
 ):
-    iv, bh, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    iv, ik, bh, p = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
     b, h = lax.div(bh, H), lax.rem(bh, H)
-    vs = pl.ds(iv * BV, BV)
+    ks, vs = pl.ds(ik * BK, BK), pl.ds(iv * BV, BV)
     ws1, ws2 = w_ref[0] * scale, w_ref[1] * scale
-    K = x_ref.shape[-1]
 
     def body(n, carry):
         s1, s2, e1, e2 = carry
         c = p * NC + NC - 1 - n
         ts = pl.ds(c * BT, BT)
-        st_ref[0, bh, c, :, vs] = s1  # the segment-local adjoint of the state leaving chunk c
-        st_ref[1, bh, c, :, vs] = s2
-        e_ref[0, bh, c, iv, :] = e1  # decay from chunk c's end to the segment's end (the same for every value tile)
-        e_ref[1, bh, c, iv, :] = e2
-        x = x_ref[b, ts, h, :].astype(f32)
+        st_ref[0, bh, c, ks, vs] = s1  # the segment-local adjoint of the state leaving chunk c
+        st_ref[1, bh, c, ks, vs] = s2
+        e_ref[0, bh, c, iv, ks] = e1  # decay from chunk c's end to the segment's end (the same for every value tile)
+        e_ref[1, bh, c, iv, ks] = e2
+        x = x_ref[b, ts, h, ks].astype(f32)
         y = y_ref[b, ts, h, vs].astype(f32)
-        s1, d1 = seg_chunk(x, y * ws1, g1_ref[b, ts, h, :].astype(f32), s1, 0.0, reverse=True, nm=nm)
-        s2, d2 = seg_chunk(x, y * ws2, g2_ref[b, ts, h, :].astype(f32), s2, 0.0, reverse=True, nm=nm)
+        s1, d1 = seg_chunk(x, y * ws1, g1_ref[b, ts, h, ks].astype(f32), s1, 0.0, reverse=True, nm=nm)
+        s2, d2 = seg_chunk(x, y * ws2, g2_ref[b, ts, h, ks].astype(f32), s2, 0.0, reverse=True, nm=nm)
         return s1, s2, e1 * jnp.exp(d1), e2 * jnp.exp(d2)
 
-    z, one = jnp.zeros((K, BV), f32), jnp.ones((K,), f32)
+    z, one = jnp.zeros((BK, BV), f32), jnp.ones((BK,), f32)
     s1, s2, e1, e2 = lax.fori_loop(0, NC, body, (z, z, one, one))
-    send_ref[bh, p, 0, :, vs] = s1  # the segment's own adjoint entering it
-    send_ref[bh, p, 1, :, vs] = s2
-    dend_ref[bh, p, iv, 0, :] = e1  # the segment's total decay
-    dend_ref[bh, p, iv, 1, :] = e2
+    send_ref[bh, p, 0, ks, vs] = s1  # the segment's own adjoint entering it
+    send_ref[bh, p, 1, ks, vs] = s2
+    dend_ref[bh, p, iv, 0, ks] = e1  # the segment's total decay
+    dend_ref[bh, p, iv, 1, ks] = e2
 
 
 def chunk_states_gpu(w, x, y, g1, g2, s0, *, scale: float, cfg: GpuConfig, P: int, reverse: bool, interpret=False):
@@ -134,18 +138,20 @@ def chunk_states_gpu(w, x, y, g1, g2, s0, *, scale: float, cfg: GpuConfig, P: in
     [2, B * H, N, nv, K] (value tiles nv, all equal), each segment's local adjoint entering it [B * H, P, 2, K, V]
     and its total decay [B * H, P, nv, 2, K].
 
+    The recurrence is separate per key channel, so programs take [block_k, block_v] tiles of the states.
+
     Args:
         w: [2] float32 mix; x, g1, g2: [B, T, H, K]; y: [B, T, H, V]; T = P * (chunks per segment) * bwd_chunk.
     """
     B, T, H, K = x.shape
     V = y.shape[-1]
-    BT, BV = cfg.bwd_chunk, min(cfg.block_v, V)
+    BT, BK, BV = cfg.bwd_chunk, min(cfg.block_k, K), min(cfg.block_v, V)
     NC, N, nv = T // (P * BT), T // BT, V // BV
     nm = _bwd_numerics(cfg)
     st = jax.ShapeDtypeStruct((2, B * H, N, K, V), f32)
     ends = jax.ShapeDtypeStruct((B * H, P, 2, K, V), f32)
     if reverse:
-        kernel = functools.partial(_adjoint_kernel, H=H, BT=BT, BV=BV, NC=NC, scale=scale, nm=nm)
+        kernel = functools.partial(_adjoint_kernel, H=H, BT=BT, BK=BK, BV=BV, NC=NC, scale=scale, nm=nm)
         out_shape = (
             st,
             jax.ShapeDtypeStruct((2, B * H, N, nv, K), f32),
@@ -154,13 +160,13 @@ def chunk_states_gpu(w, x, y, g1, g2, s0, *, scale: float, cfg: GpuConfig, P: in
         )
         args = (w, x, y, g1, g2)
     else:
-        kernel = functools.partial(_states_kernel, H=H, BT=BT, BV=BV, NC=NC, nm=nm)
+        kernel = functools.partial(_states_kernel, H=H, BT=BT, BK=BK, BV=BV, NC=NC, nm=nm)
         out_shape = (st, ends)
         args = (w, x, y, g1, g2, s0)
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(nv, B * H, P),
+        grid=(nv, K // BK, B * H, P),
         compiler_params=_compiler_params(cfg.rec_num_warps, cfg.rec_num_stages, interpret),
         interpret=interpret,
         name="dsla_bwd_adjoints" if reverse else "dsla_bwd_states",
@@ -206,14 +212,13 @@ def _intra_dqk(q, k, b, bL, R, da, nm: Numerics):
 
 def _dqk_kernel(
     w_ref, q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, hs_ref, dl_ref, e_ref, dend_ref, dq_ref, dk_ref, dg1_ref,
-    dg2_ref, dw_ref, *, H, BT, BV, NC, scale, nm, cum_dot,
+    dg2_ref, dw_ref, *, H, BT, BK, BV, NC, scale, nm, cum_dot,
 ):  # fmt: skip
-    bh, c = pl.program_id(0), pl.program_id(1)
+    bh, c, ik = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     b, h = lax.div(bh, H), lax.rem(bh, H)  # non-negative: no floor-division selects
     p = lax.div(c, NC)
-    ts = pl.ds(c * BT, BT)
-    V = v_ref.shape[-1]
-    nv = V // BV
+    ts, ks = pl.ds(c * BT, BT), pl.ds(ik * BK, BK)
+    nv = v_ref.shape[-1] // BV
 
     def dav(iv, carry):  # dA = do v^T and the diagonal do_i . v_i, over value tiles
         da, dvd = carry
@@ -223,23 +228,22 @@ def _dqk_kernel(
 
     da, dvd = lax.fori_loop(0, nv, dav, (jnp.zeros((BT, BT), f32), jnp.zeros((BT, 1), f32)))
     da = da * _strict(BT)  # j < i
-    q = q_ref[b, ts, h, :].astype(f32)  # [BT, K]
-    k = k_ref[b, ts, h, :].astype(f32)
-    K = q.shape[1]
+    q = q_ref[b, ts, h, ks].astype(f32)  # [BT, BK]: everything below is separate per key channel
+    k = k_ref[b, ts, h, ks].astype(f32)
     upper = 1.0 - _strict(BT)  # [t, i]: 1 where i >= t
     dq = dk = None
     for s, (g_ref, dg_ref) in enumerate(((g1_ref, dg1_ref), (g2_ref, dg2_ref))):
         w = w_ref[s]
         ws = w * scale
-        bg, bL, R = _gate_sums(g_ref[b, ts, h, :].astype(f32), nm.tril)
+        bg, bL, R = _gate_sums(g_ref[b, ts, h, ks].astype(f32), nm.tril)
         dqi, dki, eq, ek = _intra_dqk(q, k, bg, bL, R, da, nm)
-        e_c = e_ref[s, bh, c, 0, :][:, None]  # decay from the chunk's end to the segment's end
+        e_c = e_ref[s, bh, c, 0, ks][:, None]  # decay from the chunk's end to the segment's end
 
-        def states(iv, carry, s=s, e_c=e_c):  # the [K, V] states in [K, BV] tiles
+        def states(iv, carry, s=s, e_c=e_c):  # the states in [BK, BV] tiles
             dqh, vds, hsum = carry
             vs = pl.ds(iv * BV, BV)
-            hs = hs_ref[s, bh, c, :, vs]  # entering the chunk
-            dS = dl_ref[s, bh, c, :, vs] + e_c * dend_ref[bh, p, s, :, vs]  # adjoint of the state leaving it
+            hs = hs_ref[s, bh, c, ks, vs]  # entering the chunk
+            dS = dl_ref[s, bh, c, ks, vs] + e_c * dend_ref[bh, p, s, ks, vs]  # adjoint of the state leaving it
             do, v = do_ref[b, ts, h, vs].astype(f32), v_ref[b, ts, h, vs].astype(f32)
             return (
                 dqh + _mm(do, hs, nm.state_dot, tb=True),
@@ -247,52 +251,54 @@ def _dqk_kernel(
                 hsum + jnp.sum(hs * dS, axis=1),
             )
 
-        z = jnp.zeros((BT, K), f32)
-        dqh, vds, hsum = lax.fori_loop(0, nv, states, (z, z, jnp.zeros((K,), f32)))
+        z = jnp.zeros((BT, BK), f32)
+        dqh, vds, hsum = lax.fori_loop(0, nv, states, (z, z, jnp.zeros((BK,), f32)))
         dq_s = scale * (dqh * eq + dqi)  # unweighted, without i = j
-        kd = k * ek
         dk_s = vds * ek + ws * dki  # without i = j
-        nxt = jnp.exp(bL) * hsum + jnp.sum(kd * vds, axis=0)  # sum_V H_{c+1} * D_c, [K]
+        nxt = jnp.exp(bL) * hsum + jnp.sum(k * ek * vds, axis=0)  # sum_V H_{c+1} * D_c, [BK]
         r = w * q * dq_s - k * dk_s
         rev = _mm(upper, r, cum_dot)  # sum_{i >= t} r_i: a 0/1 matmul, accurate at 3-pass tf32 or float32
-        dg_ref[b, ts, h, :] = (rev + nxt[None, :]).astype(dg_ref.dtype)
+        dg_ref[b, ts, h, ks] = (rev + nxt[None, :]).astype(dg_ref.dtype)
         dq_full = dq_s + scale * dvd * k
-        dw_ref[s, bh, c, :] = jnp.sum(q * dq_full, axis=0)
+        dw_ref[s, bh, c, ks] = jnp.sum(q * dq_full, axis=0)
         dq = w * dq_full if dq is None else dq + w * dq_full
         dk = dk_s if dk is None else dk + dk_s
     dk = dk + (w_ref[0] + w_ref[1]) * scale * dvd * q
-    dq_ref[b, ts, h, :] = dq.astype(dq_ref.dtype)
-    dk_ref[b, ts, h, :] = dk.astype(dk_ref.dtype)
+    dq_ref[b, ts, h, ks] = dq.astype(dq_ref.dtype)
+    dk_ref[b, ts, h, ks] = dk.astype(dk_ref.dtype)
 
 
 def _dv_kernel(
-    w_ref, q_ref, k_ref, do_ref, g1_ref, g2_ref, dl_ref, e_ref, dend_ref, dv_ref, *, H, BT, BV, NC, scale, nm
+    w_ref, q_ref, k_ref, do_ref, g1_ref, g2_ref, dl_ref, e_ref, dend_ref, dv_ref, *, H, BT, BK, BV, NC, scale, nm
 ):
-    bh, c = pl.program_id(0), pl.program_id(1)
+    bh, c, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     b, h = lax.div(bh, H), lax.rem(bh, H)
     p = lax.div(c, NC)
-    ts = pl.ds(c * BT, BT)
-    q = q_ref[b, ts, h, :].astype(f32)
-    k = k_ref[b, ts, h, :].astype(f32)
-    _, kd1, a1, _ = _fwd_terms(q, k, g1_ref[b, ts, h, :].astype(f32), nm)
-    _, kd2, a2, _ = _fwd_terms(q, k, g2_ref[b, ts, h, :].astype(f32), nm)
+    ts, vs = pl.ds(c * BT, BT), pl.ds(iv * BV, BV)
+    nk = q_ref.shape[-1] // BK
+
+    def ktile(ik, carry):  # scores and kd D_c summed over key tiles (each tile takes its own intra-chunk path)
+        a1, a2, dv = carry
+        ks = pl.ds(ik * BK, BK)
+        q = q_ref[b, ts, h, ks].astype(f32)
+        k = k_ref[b, ts, h, ks].astype(f32)
+        _, kd1, t1, _ = _fwd_terms(q, k, g1_ref[b, ts, h, ks].astype(f32), nm)
+        _, kd2, t2, _ = _fwd_terms(q, k, g2_ref[b, ts, h, ks].astype(f32), nm)
+        d1 = dl_ref[0, bh, c, ks, vs] + e_ref[0, bh, c, 0, ks][:, None] * dend_ref[bh, p, 0, ks, vs]
+        d2 = dl_ref[1, bh, c, ks, vs] + e_ref[1, bh, c, 0, ks][:, None] * dend_ref[bh, p, 1, ks, vs]
+        dv = dv + _mm(kd1, d1, nm.state_dot) + _mm(kd2, d2, nm.state_dot)
+        return a1 + t1, a2 + t2, dv
+
+    zt = jnp.zeros((BT, BT), f32)
+    a1, a2, dv = lax.fori_loop(0, nk, ktile, (zt, zt, jnp.zeros((BT, BV), f32)))
     a = a1 * (w_ref[0] * scale) + a2 * (w_ref[1] * scale)  # [BT(i), BT(j)], j <= i
-    e1, e2 = e_ref[0, bh, c, 0, :][:, None], e_ref[1, bh, c, 0, :][:, None]
-
-    def tile(iv, _):
-        vs = pl.ds(iv * BV, BV)
-        d1 = dl_ref[0, bh, c, :, vs] + e1 * dend_ref[bh, p, 0, :, vs]
-        d2 = dl_ref[1, bh, c, :, vs] + e2 * dend_ref[bh, p, 1, :, vs]
-        dv = _mm(kd1, d1, nm.state_dot) + _mm(kd2, d2, nm.state_dot)
-        dv = dv + _mm(a, do_ref[b, ts, h, vs].astype(f32), nm.intra_dot, ta=True)
-        dv_ref[b, ts, h, vs] = dv.astype(dv_ref.dtype)
-        return 0
-
-    lax.fori_loop(0, dv_ref.shape[-1] // BV, tile, 0)
+    dv = dv + _mm(a, do_ref[b, ts, h, vs].astype(f32), nm.intra_dot, ta=True)
+    dv_ref[b, ts, h, vs] = dv.astype(dv_ref.dtype)
 
 
 def bwd_grads_gpu(w, q, k, v, do, g1, g2, hs, dl, e, ds_end, *, scale: float, cfg: GpuConfig, P: int, interpret=False):
-    """Every input gradient, every chunk in parallel (two kernels), from `chunk_states_gpu`'s per-chunk states.
+    """Every input gradient, every chunk in parallel, from `chunk_states_gpu`'s per-chunk states (two kernels: dq / dk
+    / dg per key tile, dv per value tile).
 
     Args:
         w: [2] float32 mix; q, k, g1, g2: [B, T, H, K]; v, do: [B, T, H, V];
@@ -306,13 +312,13 @@ def bwd_grads_gpu(w, q, k, v, do, g1, g2, hs, dl, e, ds_end, *, scale: float, cf
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    BT, BV = cfg.bwd_chunk, min(cfg.grads_block_v, V)
+    BT, BK, BV = cfg.bwd_chunk, min(cfg.block_k, K), min(cfg.grads_block_v, V)
     N = T // BT
     NC = N // P
     nm = _bwd_numerics(cfg)
     cum_dot = "ieee" if nm.intra_dot == "ieee" else "tf32x3"
     params = _compiler_params(cfg.grads_num_warps, cfg.grads_num_stages, interpret)
-    kw = dict(H=H, BT=BT, BV=BV, NC=NC, scale=scale, nm=nm)
+    kw = dict(H=H, BT=BT, BK=BK, BV=BV, NC=NC, scale=scale, nm=nm)
     dq, dk, dg1, dg2, dw = pl.pallas_call(
         functools.partial(_dqk_kernel, cum_dot=cum_dot, **kw),
         out_shape=(
@@ -322,7 +328,7 @@ def bwd_grads_gpu(w, q, k, v, do, g1, g2, hs, dl, e, ds_end, *, scale: float, cf
             jax.ShapeDtypeStruct((B, T, H, K), g1.dtype),
             jax.ShapeDtypeStruct((2, B * H, N, K), f32),
         ),
-        grid=(B * H, N),
+        grid=(B * H, N, K // BK),
         compiler_params=params,
         interpret=interpret,
         name="dsla_bwd_dqk",
@@ -330,7 +336,7 @@ def bwd_grads_gpu(w, q, k, v, do, g1, g2, hs, dl, e, ds_end, *, scale: float, cf
     dv = pl.pallas_call(
         functools.partial(_dv_kernel, **kw),
         out_shape=jax.ShapeDtypeStruct((B, T, H, V), q.dtype),
-        grid=(B * H, N),
+        grid=(B * H, N, V // BV),
         compiler_params=params,
         interpret=interpret,
         name="dsla_bwd_dv",
