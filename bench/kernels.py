@@ -304,15 +304,13 @@ QUICK_FWD = (
     "split C64 V64 w8 kd-bf16",
 )
 QUICK_BWD = (
-    "bwd split C64 V32 w8",
     "bwd split C64 V32 w4",
-    "bwd split C64 V32 w8 K32",
+    "bwd split C64 V64 w4",
     "bwd split C64 V32 w4 K32",
-    "bwd split C64 V64 w8",
-    "bwd split C32 V32 w4",
-    "bwd split C64 V32 w8 state-tf32",
-    "bwd split C64 V32 w8 all-tf32",
-    "bwd fused C32 w8",
+    "bwd split C64 V32 w4 K128",
+    "bwd split C64 V32 w4 rw4",
+    "bwd split C64 V32 w4 state-tf32",
+    "bwd split C64 V32 w4 all-tf32",
 )
 
 
@@ -410,21 +408,21 @@ def bwd_variants():
     parallel), "bwd fused ..." the older dq / dkv kernels. C: bwd_chunk, V: the gradient kernels' value tile, w: their
     warps, rw: warps of the state passes; state-tf32 / all-tf32: single-pass tf32 instead of 3-pass for the state
     matmuls / every matmul."""
-    split = dict(chunk=64, block_v=64, bwd="split", bwd_chunk=64, grads_block_v=32, grads_num_warps=8)
+    split = dict(chunk=64, block_v=64, bwd="split", bwd_chunk=64, grads_block_v=32, grads_num_warps=4)
     fused = dict(chunk=64, block_v=64, bwd="fused", bwd_chunk=32, bwd_num_warps=8)
     return [
-        ("bwd split C64 V32 w8", split),
-        ("bwd split C64 V32 w4", {**split, "grads_num_warps": 4}),
-        ("bwd split C64 V64 w8", {**split, "grads_block_v": 64}),
-        ("bwd split C64 V16 w8", {**split, "grads_block_v": 16}),
-        ("bwd split C32 V32 w4", {**split, "bwd_chunk": 32, "grads_num_warps": 4}),
-        ("bwd split C32 V64 w8", {**split, "bwd_chunk": 32, "grads_block_v": 64}),
-        ("bwd split C64 V32 w8 s2", {**split, "grads_num_stages": 2}),
-        ("bwd split C64 V32 w8 K32", {**split, "block_k": 32}),
-        ("bwd split C64 V32 w4 K32", {**split, "block_k": 32, "grads_num_warps": 4}),
-        ("bwd split C64 V32 w8 rw4", {**split, "rec_num_warps": 4}),
-        ("bwd split C64 V32 w8 state-tf32", {**split, "bwd_state_dot": "tf32"}),
-        ("bwd split C64 V32 w8 all-tf32", {**split, "bwd_dot": "tf32"}),
+        ("bwd split C64 V32 w4", split),
+        ("bwd split C64 V32 w8", {**split, "grads_num_warps": 8}),
+        ("bwd split C64 V64 w4", {**split, "grads_block_v": 64}),
+        ("bwd split C64 V16 w4", {**split, "grads_block_v": 16}),
+        ("bwd split C32 V32 w4", {**split, "bwd_chunk": 32}),
+        ("bwd split C64 V32 w4 s2", {**split, "grads_num_stages": 2}),
+        ("bwd split C64 V32 w4 K32", {**split, "block_k": 32}),
+        ("bwd split C64 V32 w4 K128", {**split, "block_k": 128}),
+        ("bwd split C64 V32 w4 sK64", {**split, "states_block_k": 64}),
+        ("bwd split C64 V32 w4 rw4", {**split, "rec_num_warps": 4}),
+        ("bwd split C64 V32 w4 state-tf32", {**split, "bwd_state_dot": "tf32"}),
+        ("bwd split C64 V32 w4 all-tf32", {**split, "bwd_dot": "tf32"}),
         ("bwd fused C32 w8", fused),
     ]
 

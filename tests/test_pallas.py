@@ -162,7 +162,13 @@ def test_gpu_kernels_interpret(case):
     args = make_inputs(T, B, T, H, Hk, K, V, dtype, gates)
     # 16-wide key and value tiles: several tiles per head in every kernel that loops over them or splits them.
     cfg = GpuConfig(
-        chunk=chunk, block_v=min(32, V), block_k=16, grads_block_v=16, num_segments=P, bwd_chunk=min(16, chunk)
+        chunk=chunk,
+        block_v=min(32, V),
+        block_k=16,
+        states_block_k=16,
+        grads_block_v=16,
+        num_segments=P,
+        bwd_chunk=min(16, chunk),
     )
     check_against_oracle(pallas_fn("gpu", chunk, cfg), args, dtype)
 
@@ -410,6 +416,19 @@ def test_gpu_compiled(case):
     args = make_inputs(T, B, T, H, Hk, K, V, dtype, gates)
     skip = ("dg1",) if gates[0] == "min" else ()
     check_against_oracle(pallas_fn("gpu", 64, interpret=False), args, dtype, skip=skip)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("precision", ["state-tf32", "all-tf32"])
+def test_gpu_compiled_backward_precision(precision):
+    """Single-pass tf32 in the backward (`GpuConfig.bwd_state_dot` / `bwd_dot`; the default is 3-pass): whether the
+    cheaper variants hold the bfloat16 bar on the hardest bfloat16 case (gates uniform in [-50, 0])."""
+    B, T, H, Hk, K, V, dtype, gates = GPU_BIG[0]
+    args = make_inputs(T, B, T, H, Hk, K, V, dtype, gates)
+    kw = {"state-tf32": dict(bwd_state_dot="tf32"), "all-tf32": dict(bwd_dot="tf32")}[precision]
+    cfg = GpuConfig(state_dot="tf32", intra_dot="tf32", **kw)
+    check_against_oracle(pallas_fn("gpu", 64, cfg, interpret=False), args, dtype)
 
 
 @pytest.mark.gpu

@@ -82,6 +82,8 @@ class GpuConfig:
             time, one state per program; `bwd_dq_gpu`, `bwd_dkv_gpu`).
         block_k: key tile of the kernels whose work is separate per key channel (the forward's intra-chunk kernel,
             the split backward's state passes and dq / dk kernel) or summed over it (the dv kernel).
+        states_block_k: key tile of the split backward's two state passes (None: all of K; at 64 they spilled more
+            and ran 45% slower on an H200).
         grads_block_v, grads_num_warps, grads_num_stages: the split backward's gradient kernels: the value tile in
             which they stream the [K, V] states, and Triton launch parameters. One stage: the software pipeliner
             double-buffers the float32 state tiles of the value loop, which overflowed the H100's shared memory.
@@ -111,8 +113,9 @@ class GpuConfig:
     fwd: str = "split"
     bwd: str = "split"
     block_k: int = 64
+    states_block_k: int | None = None
     grads_block_v: int = 32
-    grads_num_warps: int = 8
+    grads_num_warps: int = 4
     grads_num_stages: int = 1
     split_dtype: str = "float32"
     intra_num_warps: int = 8

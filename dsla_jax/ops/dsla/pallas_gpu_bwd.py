@@ -138,14 +138,14 @@ def chunk_states_gpu(w, x, y, g1, g2, s0, *, scale: float, cfg: GpuConfig, P: in
     [2, B * H, N, nv, K] (value tiles nv, all equal), each segment's local adjoint entering it [B * H, P, 2, K, V]
     and its total decay [B * H, P, nv, 2, K].
 
-    The recurrence is separate per key channel, so programs take [block_k, block_v] tiles of the states.
+    The recurrence is separate per key channel, so programs take [states_block_k, block_v] tiles of the states.
 
     Args:
         w: [2] float32 mix; x, g1, g2: [B, T, H, K]; y: [B, T, H, V]; T = P * (chunks per segment) * bwd_chunk.
     """
     B, T, H, K = x.shape
     V = y.shape[-1]
-    BT, BK, BV = cfg.bwd_chunk, min(cfg.block_k, K), min(cfg.block_v, V)
+    BT, BK, BV = cfg.bwd_chunk, min(cfg.states_block_k or K, K), min(cfg.block_v, V)
     NC, N, nv = T // (P * BT), T // BT, V // BV
     nm = _bwd_numerics(cfg)
     st = jax.ShapeDtypeStruct((2, B * H, N, K, V), f32)
