@@ -383,7 +383,7 @@ def split_parts(args, interpret: bool, cfg=None):
     qs, ks = (jnp.dtype(d).itemsize for d in kg.SPLIT_DTYPES[cfg.split_dtype])
     tok = B * T * Hh * K  # elements of one [B, T, H, K] tensor
     intra = jax.jit(lambda *a: kg.fwd_intra_gpu(*a, scale=K**-0.5, cfg=cfg, interpret=interpret))
-    qd, kd, ebl, oi = intra(q, k, v, g1, g2, mix)
+    qd, kd, ebl, oi, _ = intra(q, k, v, g1, g2, mix)
     seg = jax.jit(lambda kd, e, v: kg.seg_states_split_gpu(kd, e, v, P=P, count=P - 1, cfg=cfg, interpret=interpret))
     s_in = jnp.zeros((BH, P, 2, K, V), jnp.float32)
     rec = jax.jit(lambda *a: kg.fwd_rec_gpu(*a, cfg=cfg, P=P, interpret=interpret))
@@ -448,11 +448,12 @@ def bwd_parts(args, interpret: bool, cfg=None):
     hs, _ = fwd_st(mix, k, v, g1, g2, s0)
     dl, e, _, _ = rev_st(mix, q, v, g1, g2)
     grads = jax.jit(lambda *a: kb.bwd_grads_gpu(*a, **kw))
+    a = kg.fwd_intra_gpu(q, k, v, g1, g2, mix, scale=K**-0.5, cfg=cfg, interpret=interpret)[-1]
     parts = [
         ("states", fwd_st, (mix, k, v, g1, g2, s0), 4 * tok * it + st),
         ("adjoints", rev_st, (mix, q, v, g1, g2), 4 * tok * it + st),
         # dq/dk: 6 inputs, 2 state sets, 4 outputs; dv: 5 inputs, 1 state set, 1 output
-        ("dqk+dv", grads, (mix, q, k, v, v, g1, g2, hs, dl, e, s0), 11 * tok * it + 3 * st + 5 * tok * it),
+        ("dqk+dv", grads, (mix, q, k, v, v, g1, g2, hs, dl, e, s0, a), 11 * tok * it + 3 * st + 5 * tok * it),
     ]
     for name, f, a, nbytes in parts:
         try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import replace
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +72,9 @@ def _chain(h0, s_loc, decay):
 
 
 def _gpu_fwd(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret):
-    """Forward on the padded, head-expanded problem. h0: [B * H, 2, K, V]. Returns (o, s_T, s_in).
+    """Forward on the padded, head-expanded problem. h0: [B * H, 2, K, V]. Returns (o, s_T, s_in, A), A the mixed
+    intra-chunk scores the split backward's dv kernel reads (None where the forward is fused or its chunk is not the
+    backward's: the backward then computes them).
 
     cfg.fwd == "split": `fwd_intra_gpu` (every chunk in parallel) -> segment summaries from its kd, exp(bL) ->
     `fwd_rec_gpu` (loads and matmuls per chunk). "fused": `seg_states_gpu` -> `fwd_gpu` (all per-chunk work in the
@@ -81,14 +84,19 @@ def _gpu_fwd(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret):
 
     BH = h0.shape[0]
     if cfg.fwd == "split":
-        qd, kd, ebl, oi = kg.fwd_intra_gpu(q, k, v, g1, g2, w, scale=scale, cfg=cfg, interpret=interpret)
+        qd, kd, ebl, oi, a = kg.fwd_intra_gpu(q, k, v, g1, g2, w, scale=scale, cfg=cfg, interpret=interpret)
         if P > 1:
             s_loc, dec = kg.seg_states_split_gpu(kd, ebl, v, P=P, count=P - 1, cfg=cfg, interpret=interpret)
             s_in = _chain(h0, s_loc, dec[:, :, 0])
         else:
             s_in = h0.reshape(BH, 1, *h0.shape[1:])
         o, s_T = kg.fwd_rec_gpu(qd, kd, ebl, v, oi, s_in, cfg=cfg, P=P, interpret=interpret)
-        return o.astype(q.dtype), s_T[:, P - 1], s_in
+        return (
+            o.astype(q.dtype),
+            s_T[:, P - 1],
+            s_in,
+            (a if cfg.bwd == "split" and cfg.bwd_chunk == cfg.chunk else None),
+        )
     if cfg.fwd != "fused":
         raise ValueError(f"GpuConfig.fwd must be 'split' or 'fused', got {cfg.fwd!r}")
     if P > 1:
@@ -97,7 +105,7 @@ def _gpu_fwd(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret):
     else:
         s_in = h0.reshape(BH, 1, *h0.shape[1:])
     o, s_T = kg.fwd_gpu(q, k, v, g1, g2, w, s_in, scale=scale, cfg=cfg, P=P, interpret=interpret)
-    return o, s_T[:, P - 1], s_in
+    return o, s_T[:, P - 1], s_in, None
 
 
 def _segment_adjoints(q, do, g1, g2, w, ds_T, *, scale, cfg, P, interpret):
@@ -119,14 +127,19 @@ def _gpu_bwd_split(res, do, ds_T, *, scale, cfg, P, interpret):
     """All gradients by the split backward (`pallas_gpu_bwd`): per-chunk states forward, segment-local adjoints
     backward (chained in XLA), then every chunk in parallel. Returns (dq, dk, dv, dg1, dg2, dw, dh0) of the padded
     problem."""
+    from dsla_jax.ops.dsla import pallas_gpu as kg
     from dsla_jax.ops.dsla import pallas_gpu_bwd as kb
 
-    q, k, v, g1, g2, w, s_in, _ = res
+    q, k, v, g1, g2, w, s_in, _, a = res
+    if a is None:  # the scores at the backward's chunk size
+        a = kg.fwd_intra_gpu(
+            q, k, v, g1, g2, w, scale=scale, cfg=replace(cfg, chunk=cfg.bwd_chunk), interpret=interpret
+        )[-1]
     kw = dict(scale=scale, cfg=cfg, P=P, interpret=interpret)
     hs, _ = kb.chunk_states_gpu(w, k, v, g1, g2, s_in, reverse=False, **kw)
     dl, e, send, dend = kb.chunk_states_gpu(w, q, do, g1, g2, None, reverse=True, **kw)
     ds_end, dh0 = kb.chain_adjoints(ds_T, send, dend[:, :, 0])
-    dq, dk, dv, dg1, dg2, dw = kb.bwd_grads_gpu(w, q, k, v, do, g1, g2, hs, dl, e, ds_end, **kw)
+    dq, dk, dv, dg1, dg2, dw = kb.bwd_grads_gpu(w, q, k, v, do, g1, g2, hs, dl, e, ds_end, a, **kw)
     return dq, dk, dv, dg1, dg2, jnp.sum(dw, axis=(1, 2, 3)), dh0
 
 
@@ -135,7 +148,7 @@ def _gpu_bwd(res, do, ds_T, *, scale, cfg, P, interpret):
     Returns per-state (dq_s, dk_s, dv_s), dh0 and the chunk-boundary gate terms."""
     from dsla_jax.ops.dsla import pallas_gpu as kg
 
-    q, k, v, g1, g2, w, s_in, _ = res
+    q, k, v, g1, g2, w, s_in, _, _ = res
     ds_end = _segment_adjoints(q, do, g1, g2, w, ds_T, scale=scale, cfg=cfg, P=P, interpret=interpret)
     g = jnp.stack([g1, g2])
     dq_s, s_chunks = kg.bwd_dq_gpu(q, k, v, do, g, s_in, scale=scale, cfg=cfg, P=P, interpret=interpret)
@@ -187,26 +200,24 @@ def _core(backend: str, scale: float, cfg, P: int, interpret):
 
     def fwd_impl(q, k, v, g1, g2, w, h0):
         if backend == "gpu":
-            o, s_T, s_in = _gpu_fwd(q, k, v, g1, g2, w, h0, scale=scale, cfg=cfg, P=P, interpret=interpret)
-        else:
-            from dsla_jax.ops.dsla import pallas_tpu as kt
+            return _gpu_fwd(q, k, v, g1, g2, w, h0, scale=scale, cfg=cfg, P=P, interpret=interpret)
+        from dsla_jax.ops.dsla import pallas_tpu as kt
 
-            o, s_T = kt.fwd_tpu(q, k, v, g1, g2, w, h0, scale=scale, cfg=cfg, interpret=interpret)
-            s_in = h0
-        return o, s_T, s_in
+        o, s_T = kt.fwd_tpu(q, k, v, g1, g2, w, h0, scale=scale, cfg=cfg, interpret=interpret)
+        return o, s_T, h0, None
 
     @jax.custom_vjp
     def core(q, k, v, g1, g2, w, h0):
-        o, s_T, _ = fwd_impl(q, k, v, g1, g2, w, h0)
+        o, s_T, _, _ = fwd_impl(q, k, v, g1, g2, w, h0)
         return o, s_T
 
     def core_fwd(q, k, v, g1, g2, w, h0):
-        o, s_T, s_in = fwd_impl(q, k, v, g1, g2, w, h0)
-        return (o, s_T), (q, k, v, g1, g2, w, s_in, s_T)
+        o, s_T, s_in, a = fwd_impl(q, k, v, g1, g2, w, h0)
+        return (o, s_T), (q, k, v, g1, g2, w, s_in, s_T, a)
 
     def core_bwd(res, cts):
         do, ds_T = cts
-        q, k, v, g1, g2, w, s_in, s_T = res
+        q, k, v, g1, g2, w, s_in, s_T, _ = res
         do = do.astype(q.dtype)
         ds_T = ds_T.astype(f32)
         if backend == "gpu" and cfg.bwd == "split":
@@ -222,7 +233,7 @@ def _core(backend: str, scale: float, cfg, P: int, interpret):
         else:
             from dsla_jax.ops.dsla import pallas_tpu as kt
 
-            dq_s, dk_s, dv_s, dh0, c = kt.bwd_tpu(res, do, ds_T, scale=scale, cfg=cfg, interpret=interpret)
+            dq_s, dk_s, dv_s, dh0, c = kt.bwd_tpu(res[:8], do, ds_T, scale=scale, cfg=cfg, interpret=interpret)
             chunk = cfg.chunk
         dq, dk, dv, dg, dw = _finish_grads(q, k, v, do, w, dq_s, dk_s, dv_s, c, s_T, ds_T, scale=scale, chunk=chunk)
         return (

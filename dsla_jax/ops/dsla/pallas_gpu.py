@@ -507,7 +507,9 @@ def seg_states_gpu(
 SPLIT_DTYPES = {"float32": (f32, f32), "bfloat16": (jnp.bfloat16, jnp.bfloat16), "kd-bfloat16": (f32, jnp.bfloat16)}
 
 
-def _intra_kernel(w_ref, q_ref, k_ref, v_ref, g1_ref, g2_ref, qd_ref, kd_ref, ebl_ref, oi_ref, *, H, BT, BK, scale, nm):
+def _intra_kernel(
+    w_ref, q_ref, k_ref, v_ref, g1_ref, g2_ref, qd_ref, kd_ref, ebl_ref, oi_ref, a_ref, *, H, BT, BK, scale, nm
+):
     bh, n = pl.program_id(0), pl.program_id(1)
     b, h = lax.div(bh, H), lax.rem(bh, H)  # non-negative: no floor-division selects
     ts = pl.ds(n * BT, BT)
@@ -526,6 +528,7 @@ def _intra_kernel(w_ref, q_ref, k_ref, v_ref, g1_ref, g2_ref, qd_ref, kd_ref, eb
         return a
 
     a = lax.fori_loop(0, q_ref.shape[-1] // BK, ktile, jnp.zeros((BT, BT), f32))
+    a_ref[bh, ts, :] = a  # for the backward's dv (`pallas_gpu_bwd`)
     oi_ref[bh, ts, :] = _mm(a, v_ref[b, ts, h, :].astype(f32), nm.intra_dot)  # [BT, V]
 
 
@@ -542,8 +545,10 @@ def fwd_intra_gpu(q, k, v, g1, g2, w, *, scale: float, cfg: GpuConfig, interpret
 
     Returns:
         qd [2, B * H, T, K] = scale * w_s * q * exp(b_s), kd [2, B * H, T, K] = k * exp(bL_s - b_s) (both in
-        `cfg.split_dtype`), ebl [2, B * H, N, K] = exp(bL_s) and o_intra [B * H, T, V] = scale * sum_s w_s A_s v
-        (float32), N = T / chunk. Heads-major: the recurrent kernel reads contiguous [BT, *] blocks.
+        `cfg.split_dtype`), ebl [2, B * H, N, K] = exp(bL_s), o_intra [B * H, T, V] = scale * sum_s w_s A_s v and
+        the mixed scores themselves, A [B * H, T, chunk] = scale * sum_s w_s A_s (row i of a chunk, masked to
+        j <= i; float32, a residual for the backward), N = T / chunk. Heads-major: the recurrent kernel reads
+        contiguous [BT, *] blocks.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -558,6 +563,7 @@ def fwd_intra_gpu(q, k, v, g1, g2, w, *, scale: float, cfg: GpuConfig, interpret
             jax.ShapeDtypeStruct((2, B * H, T, K), kdt),
             jax.ShapeDtypeStruct((2, B * H, N, K), f32),
             jax.ShapeDtypeStruct((B * H, T, V), f32),
+            jax.ShapeDtypeStruct((B * H, T, BT), f32),
         ),
         grid=(B * H, N),
         compiler_params=_compiler_params(cfg.intra_num_warps, cfg.intra_num_stages, interpret),

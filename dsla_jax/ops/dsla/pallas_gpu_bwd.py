@@ -24,13 +24,14 @@ every chunk in parallel, both states in one program, and write the final gradien
   carry no decay and cancel exactly in w_s q * dq_s - k * dk_s: they are left out of that sum and added to dq, dk
   directly (the same gate gradient as `pallas._finish_grads` for the older kernels). sum_V H_{c+1} * D_c, the exact
   gate gradient at the next chunk's first token, is exp(bL) sum_V H_c * D_c + sum_j kd_j * (v_j D_c^T).
-* `bwd_dv_gpu`, per chunk and value tile: dv_j = sum_s (k_j * exp(bL - b_j)) D_c + ws sum_{i >= j} A_ij do_i, the
-  scores and the state term summed over key tiles.
+* the dv kernel, per chunk and value tile: dv_j = sum_s (k_j * exp(bL - b_j)) D_c + sum_{i >= j} A_ij do_i, the
+  state term summed over key tiles, A = scale sum_s w_s A_s the mixed scores the forward's intra-chunk kernel
+  stored (a [T, chunk] float32 residual per head: the backward recomputes no scores for dv, and the dv kernel has
+  no intra-chunk paths).
 
 Register pressure sets the tiling (v2 of this backward held whole [K, V] states and [BT, K] tiles per program: 255
 registers and 16 GB of spill traffic per call at B1 T8192 on an H200). Everything but the scores A is separate per key
-channel, so the state passes and the dq / dk kernel take [BT, block_k] tiles of q, k, g and [block_k, BV] tiles of
-the states; the dv kernel sums A over key tiles.
+channel, so the dq / dk kernel takes [BT, block_k] tiles of q, k, g and [block_k, BV] tiles of the states.
 
 Intra-chunk exponents as the forward (`pallas_gpu._fwd_terms`): the fast tensor-core path when the chunk's decay
 range is at most `thresh`, else an elementwise loop with every exponent <= 0.
@@ -58,7 +59,6 @@ from dsla_jax.ops.dsla.pallas_gpu import (
     _decays,
     _exact_trips,
     _fast_factors,
-    _fwd_terms,
     _gate_sums,
     _mm,
     _onehot,
@@ -268,35 +268,31 @@ def _dqk_kernel(
     dk_ref[b, ts, h, ks] = dk.astype(dk_ref.dtype)
 
 
-def _dv_kernel(
-    w_ref, q_ref, k_ref, do_ref, g1_ref, g2_ref, dl_ref, e_ref, dend_ref, dv_ref, *, H, BT, BK, BV, NC, scale, nm
-):
+def _dv_kernel(a_ref, k_ref, do_ref, g1_ref, g2_ref, dl_ref, e_ref, dend_ref, dv_ref, *, H, BT, BK, BV, NC, nm):
     bh, c, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     b, h = lax.div(bh, H), lax.rem(bh, H)
     p = lax.div(c, NC)
     ts, vs = pl.ds(c * BT, BT), pl.ds(iv * BV, BV)
-    nk = q_ref.shape[-1] // BK
 
-    def ktile(ik, carry):  # scores and kd D_c summed over key tiles (each tile takes its own intra-chunk path)
-        a1, a2, dv = carry
+    def ktile(ik, dv):  # sum_s (k * exp(bL - b)) D_c over key tiles; exponents <= 0, no intra-chunk paths
         ks = pl.ds(ik * BK, BK)
-        q = q_ref[b, ts, h, ks].astype(f32)
         k = k_ref[b, ts, h, ks].astype(f32)
-        _, kd1, t1, _ = _fwd_terms(q, k, g1_ref[b, ts, h, ks].astype(f32), nm)
-        _, kd2, t2, _ = _fwd_terms(q, k, g2_ref[b, ts, h, ks].astype(f32), nm)
-        d1 = dl_ref[0, bh, c, ks, vs] + e_ref[0, bh, c, 0, ks][:, None] * dend_ref[bh, p, 0, ks, vs]
-        d2 = dl_ref[1, bh, c, ks, vs] + e_ref[1, bh, c, 0, ks][:, None] * dend_ref[bh, p, 1, ks, vs]
-        dv = dv + _mm(kd1, d1, nm.state_dot) + _mm(kd2, d2, nm.state_dot)
-        return a1 + t1, a2 + t2, dv
+        for s, g_ref in enumerate((g1_ref, g2_ref)):
+            bg, bL, _ = _gate_sums(g_ref[b, ts, h, ks].astype(f32), nm.tril)
+            kd = k * jnp.exp(jnp.minimum(bL[None, :] - bg, 0.0))
+            dS = dl_ref[s, bh, c, ks, vs] + e_ref[s, bh, c, 0, ks][:, None] * dend_ref[bh, p, s, ks, vs]
+            dv = dv + _mm(kd, dS, nm.state_dot)
+        return dv
 
-    zt = jnp.zeros((BT, BT), f32)
-    a1, a2, dv = lax.fori_loop(0, nk, ktile, (zt, zt, jnp.zeros((BT, BV), f32)))
-    a = a1 * (w_ref[0] * scale) + a2 * (w_ref[1] * scale)  # [BT(i), BT(j)], j <= i
-    dv = dv + _mm(a, do_ref[b, ts, h, vs].astype(f32), nm.intra_dot, ta=True)
+    dv = lax.fori_loop(0, k_ref.shape[-1] // BK, ktile, jnp.zeros((BT, BV), f32))
+    # The mixed scores scale * sum_s w_s A_s from the forward (`pallas_gpu.fwd_intra_gpu`), masked to j <= i.
+    dv = dv + _mm(a_ref[bh, ts, :], do_ref[b, ts, h, vs].astype(f32), nm.intra_dot, ta=True)
     dv_ref[b, ts, h, vs] = dv.astype(dv_ref.dtype)
 
 
-def bwd_grads_gpu(w, q, k, v, do, g1, g2, hs, dl, e, ds_end, *, scale: float, cfg: GpuConfig, P: int, interpret=False):
+def bwd_grads_gpu(
+    w, q, k, v, do, g1, g2, hs, dl, e, ds_end, a, *, scale: float, cfg: GpuConfig, P: int, interpret=False
+):
     """Every input gradient, every chunk in parallel, from `chunk_states_gpu`'s per-chunk states (two kernels: dq / dk
     / dg per key tile, dv per value tile).
 
@@ -304,7 +300,8 @@ def bwd_grads_gpu(w, q, k, v, do, g1, g2, hs, dl, e, ds_end, *, scale: float, cf
         w: [2] float32 mix; q, k, g1, g2: [B, T, H, K]; v, do: [B, T, H, V];
         hs: [2, B * H, N, K, V] states entering each chunk; dl: [2, B * H, N, K, V] segment-local adjoints of the
         states leaving each chunk and e [2, B * H, N, nv, K] their decays to the segment end; ds_end:
-        [B * H, P, 2, K, V] adjoints of the states leaving each segment (`chain_adjoints`); all float32.
+        [B * H, P, 2, K, V] adjoints of the states leaving each segment (`chain_adjoints`); a: [B * H, T, BT] the
+        forward's mixed intra-chunk scores (`pallas_gpu.fwd_intra_gpu`, its chunk = bwd_chunk); all float32.
 
     Returns:
         dq, dk [B, T, H, K] and dv [B, T, H, V] in q's dtype, dg1, dg2 [B, T, H, K] in g1's dtype, and per-chunk
@@ -334,11 +331,11 @@ def bwd_grads_gpu(w, q, k, v, do, g1, g2, hs, dl, e, ds_end, *, scale: float, cf
         name="dsla_bwd_dqk",
     )(w, q, k, v, do, g1, g2, hs, dl, e, ds_end)
     dv = pl.pallas_call(
-        functools.partial(_dv_kernel, **kw),
+        functools.partial(_dv_kernel, H=H, BT=BT, BK=BK, BV=BV, NC=NC, nm=nm),
         out_shape=jax.ShapeDtypeStruct((B, T, H, V), q.dtype),
         grid=(B * H, N, V // BV),
         compiler_params=params,
         interpret=interpret,
         name="dsla_bwd_dv",
-    )(w, q, k, do, g1, g2, dl, e, ds_end)
+    )(a, k, do, g1, g2, dl, e, ds_end)
     return dq, dk, dv, dg1, dg2, dw
