@@ -309,6 +309,7 @@ QUICK_BWD = (
     "bwd split C64 V32 w4 K32",
     "bwd split C64 V32 w4 K128",
     "bwd split C64 V32 w4 rw4",
+    "bwd split C64 V32 w4 scan",
     "bwd split C64 V32 w4 state-tf32",
     "bwd split C64 V32 w4 all-tf32",
 )
@@ -421,6 +422,7 @@ def bwd_variants():
         ("bwd split C64 V32 w4 K128", {**split, "block_k": 128}),
         ("bwd split C64 V32 w4 sK64", {**split, "states_block_k": 64}),
         ("bwd split C64 V32 w4 rw4", {**split, "rec_num_warps": 4}),
+        ("bwd split C64 V32 w4 scan", {**split, "grads_cumsum": "scan"}),
         ("bwd split C64 V32 w4 state-tf32", {**split, "bwd_state_dot": "tf32"}),
         ("bwd split C64 V32 w4 all-tf32", {**split, "bwd_dot": "tf32"}),
         ("bwd fused C32 w8", fused),

@@ -167,6 +167,7 @@ def test_gpu_kernels_interpret(case):
         block_k=16,
         states_block_k=16,
         grads_block_v=16,
+        grads_cumsum="scan" if P > 1 else "dot",
         num_segments=P,
         bwd_chunk=min(16, chunk),
     )

@@ -84,6 +84,8 @@ class GpuConfig:
             the split backward's state passes and dq / dk kernel) or summed over it (the dv kernel).
         states_block_k: key tile of the split backward's two state passes (None: all of K; at 64 they spilled more
             and ran 45% slower on an H200).
+        grads_cumsum: how the dq / dk kernel forms the gate gradient's in-chunk reverse cumsum: "dot" (a 0/1
+            matmul at 3-pass tf32, or float32) or "scan" (sum - cumsum + r in float32).
         grads_block_v, grads_num_warps, grads_num_stages: the split backward's gradient kernels: the value tile in
             which they stream the [K, V] states, and Triton launch parameters. One stage: the software pipeliner
             double-buffers the float32 state tiles of the value loop, which overflowed the H100's shared memory.
@@ -117,6 +119,7 @@ class GpuConfig:
     grads_block_v: int = 32
     grads_num_warps: int = 4
     grads_num_stages: int = 1
+    grads_cumsum: str = "dot"
     split_dtype: str = "float32"
     intra_num_warps: int = 8
     intra_num_stages: int = 1

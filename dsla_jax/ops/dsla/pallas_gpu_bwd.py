@@ -210,6 +210,14 @@ def _intra_dqk(q, k, b, bL, R, da, nm: Numerics):
     return dqi, dki, eq, ek
 
 
+def _rev_cumsum(r, upper, cum_dot):
+    """sum_{i >= t} r_i over the rows of r [BT, BK]: a float32 scan (Triton; `cum_dot` "scan"), or a 0/1 matmul
+    (exact at 3-pass tf32 or float32)."""
+    if cum_dot == "scan":
+        return jnp.sum(r, axis=0)[None, :] - jnp.cumsum(r, axis=0) + r
+    return _mm(upper, r, cum_dot)
+
+
 def _dqk_kernel(
     w_ref, q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, hs_ref, dl_ref, e_ref, dend_ref, dq_ref, dk_ref, dg1_ref,
     dg2_ref, dw_ref, *, H, BT, BK, BV, NC, scale, nm, cum_dot,
@@ -257,7 +265,7 @@ def _dqk_kernel(
         dk_s = vds * ek + ws * dki  # without i = j
         nxt = jnp.exp(bL) * hsum + jnp.sum(k * ek * vds, axis=0)  # sum_V H_{c+1} * D_c, [BK]
         r = w * q * dq_s - k * dk_s
-        rev = _mm(upper, r, cum_dot)  # sum_{i >= t} r_i: a 0/1 matmul, accurate at 3-pass tf32 or float32
+        rev = _rev_cumsum(r, upper, cum_dot)  # sum_{i >= t} r_i
         dg_ref[b, ts, h, ks] = (rev + nxt[None, :]).astype(dg_ref.dtype)
         dq_full = dq_s + scale * dvd * k
         dw_ref[s, bh, c, ks] = jnp.sum(q * dq_full, axis=0)
@@ -313,7 +321,7 @@ def bwd_grads_gpu(
     N = T // BT
     NC = N // P
     nm = _bwd_numerics(cfg)
-    cum_dot = "ieee" if nm.intra_dot == "ieee" else "tf32x3"
+    cum_dot = cfg.grads_cumsum if cfg.grads_cumsum != "dot" else ("ieee" if nm.intra_dot == "ieee" else "tf32x3")
     params = _compiler_params(cfg.grads_num_warps, cfg.grads_num_stages, interpret)
     kw = dict(H=H, BT=BT, BK=BK, BV=BV, NC=NC, scale=scale, nm=nm)
     dq, dk, dg1, dg2, dw = pl.pallas_call(
