@@ -297,20 +297,15 @@ def decode_rows(B=64, interpret=False, sweep=False):
 
 QUICK_FWD = (
     "split C64 V64 w8",
-    "split C64 V64 w8 K32",
-    "split C64 V64 w8 K128",
     "split C64 V64 w8 iw4",
-    "split C32 V64 w8 s2",
+    "split C64 V64 w8 cs-dot",
+    "split C64 V64 w8 iw4 cs-dot",
     "split C64 V64 w8 kd-bf16",
 )
 QUICK_BWD = (
     "bwd split C64 V32 w4",
-    "bwd split C64 V64 w4",
-    "bwd split C64 V32 w4 K32",
-    "bwd split C64 V32 w4 K128",
-    "bwd split C64 V32 w4 rw4",
-    "bwd split C64 V32 w4 scan",
-    "bwd split C64 V32 w4 state-tf32",
+    "bwd split C64 V32 w4 cs-dot",
+    "bwd split C64 V32 w4 3xtf32",
     "bwd split C64 V32 w4 all-tf32",
 )
 
@@ -349,6 +344,8 @@ def sweep_variants():
     for label, upd in [
         ("split C64 V64 w8", {}),
         ("split C64 V64 w8 K32", dict(block_k=32)),
+        ("split C64 V64 w8 cs-dot", dict(cumsum="tf32x3")),
+        ("split C64 V64 w8 iw4 cs-dot", dict(intra_num_warps=4, cumsum="tf32x3")),
         ("split C64 V64 w8 K128", dict(block_k=128)),
         ("split C64 V64 w4", dict(rec_num_warps=4)),
         ("split C64 V128 w8", dict(block_v=128)),
@@ -408,9 +405,12 @@ def bwd_variants():
     """Backward variants: "bwd split ..." the split backward (the default: per-chunk states, then every chunk in
     parallel), "bwd fused ..." the older dq / dkv kernels. C: bwd_chunk, V: the gradient kernels' value tile, w: their
     warps, rw: warps of the state passes; state-tf32 / all-tf32: single-pass tf32 instead of 3-pass for the state
-    matmuls / every matmul."""
-    split = dict(chunk=64, block_v=64, bwd="split", bwd_chunk=64, grads_block_v=32, grads_num_warps=4)
-    fused = dict(chunk=64, block_v=64, bwd="fused", bwd_chunk=32, bwd_num_warps=8)
+    matmuls / every matmul (the default: single-pass for the state matmuls only), 3xtf32: 3-pass everywhere;
+    cs-dot: gate cumsums by a 0/1 matmul instead of a scan."""
+    split = dict(
+        chunk=64, block_v=64, bwd="split", bwd_chunk=64, grads_block_v=32, grads_num_warps=4, bwd_state_dot="tf32"
+    )
+    fused = dict(chunk=64, block_v=64, bwd="fused", bwd_chunk=32, bwd_num_warps=8, bwd_state_dot=None)
     return [
         ("bwd split C64 V32 w4", split),
         ("bwd split C64 V32 w8", {**split, "grads_num_warps": 8}),
@@ -423,8 +423,9 @@ def bwd_variants():
         ("bwd split C64 V32 w4 sK64", {**split, "states_block_k": 64}),
         ("bwd split C64 V32 w4 rw4", {**split, "rec_num_warps": 4}),
         ("bwd split C64 V32 w4 scan", {**split, "grads_cumsum": "scan"}),
-        ("bwd split C64 V32 w4 state-tf32", {**split, "bwd_state_dot": "tf32"}),
-        ("bwd split C64 V32 w4 all-tf32", {**split, "bwd_dot": "tf32"}),
+        ("bwd split C64 V32 w4 cs-dot", {**split, "cumsum": "tf32x3"}),
+        ("bwd split C64 V32 w4 3xtf32", {**split, "bwd_state_dot": "tf32x3"}),
+        ("bwd split C64 V32 w4 all-tf32", {**split, "bwd_dot": "tf32", "bwd_state_dot": "tf32"}),
         ("bwd fused C32 w8", fused),
     ]
 
@@ -552,6 +553,8 @@ def config_from_sweep(path: str):
     if ok_b:
         bk = bwd[min(ok_b, key=lambda r: r["ms"])["impl"][7:]]
         kw.update({k: v for k, v in bk.items() if k.startswith("grads_") or k in ("bwd", "bwd_num_warps")})
+        if bk.get("cumsum") and kw.get("cumsum") != bk["cumsum"]:  # one cumsum for both passes: the backward's wins
+            kw["cumsum"] = bk["cumsum"]
         kw.update(bwd_chunk=min(bk["bwd_chunk"], kw["chunk"]))
     cfg = GpuConfig(**{k: v for k, v in kw.items() if k != "num_segments"})
     log(f"config from sweep: {cfg}")

@@ -168,6 +168,7 @@ def test_gpu_kernels_interpret(case):
         states_block_k=16,
         grads_block_v=16,
         grads_cumsum="scan" if P > 1 else "dot",
+        cumsum="tf32x3" if P > 1 else "scan",
         num_segments=P,
         bwd_chunk=min(16, chunk),
     )
@@ -317,7 +318,14 @@ def test_gate_gradient_is_not_cancellation_noise():
     as dq and dk. A reverse cumsum of q * dq - k * dk over the whole sequence (the textbook form) gives 2e-1 here."""
     args = make_inputs(1, 1, 300, 2, 2, 32, 32, jnp.bfloat16, ("strong", "logsig"))
     cfg = GpuConfig(
-        chunk=32, block_v=32, num_segments=2, bwd_chunk=16, state_dot="bf16", intra_dot="bf16", bwd_dot="bf16"
+        chunk=32,
+        block_v=32,
+        num_segments=2,
+        bwd_chunk=16,
+        state_dot="bf16",
+        intra_dot="bf16",
+        bwd_dot="bf16",
+        bwd_state_dot=None,
     )
     ref = oracle(*args)
     ks = jax.random.split(jax.random.key(3), 3)
@@ -421,13 +429,14 @@ def test_gpu_compiled(case):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("precision", ["state-tf32", "all-tf32"])
+@pytest.mark.parametrize("precision", ["3xtf32", "all-tf32"])
 def test_gpu_compiled_backward_precision(precision):
-    """Single-pass tf32 in the backward (`GpuConfig.bwd_state_dot` / `bwd_dot`; the default is 3-pass): whether the
-    cheaper variants hold the bfloat16 bar on the hardest bfloat16 case (gates uniform in [-50, 0])."""
+    """The backward's matmul precision variants beside the default (single-pass tf32 for the state matmuls, 3-pass
+    for the intra-chunk ones; `test_gpu_compiled`): 3-pass everywhere and single-pass everywhere, on the hardest
+    bfloat16 case (gates uniform in [-50, 0])."""
     B, T, H, Hk, K, V, dtype, gates = GPU_BIG[0]
     args = make_inputs(T, B, T, H, Hk, K, V, dtype, gates)
-    kw = {"state-tf32": dict(bwd_state_dot="tf32"), "all-tf32": dict(bwd_dot="tf32")}[precision]
+    kw = {"3xtf32": dict(bwd_state_dot="tf32x3"), "all-tf32": dict(bwd_dot="tf32")}[precision]
     cfg = GpuConfig(state_dot="tf32", intra_dot="tf32", **kw)
     check_against_oracle(pallas_fn("gpu", 64, cfg, interpret=False), args, dtype)
 

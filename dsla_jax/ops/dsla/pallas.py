@@ -251,8 +251,9 @@ def _core(backend: str, scale: float, cfg, P: int, interpret):
 
 
 def _gpu_config(chunk_size: int, config, dtype):
-    """Default GPU tiles for `chunk_size` (the split backward at the forward's chunk size); bfloat16 runs use tf32
-    matmuls in the forward and 3-pass tf32 in the backward, float32 runs exact float32 ones."""
+    """Default GPU tiles for `chunk_size` (the split backward at the forward's chunk size). bfloat16 runs use tf32
+    matmuls in the forward and in the backward's state matmuls, 3-pass tf32 for the backward's intra-chunk ones
+    (the gate gradient's cancelling terms); float32 runs exact float32 ones."""
     from dsla_jax.ops.dsla.pallas_gpu import GpuConfig
 
     if config is None:
@@ -264,6 +265,7 @@ def _gpu_config(chunk_size: int, config, dtype):
             state_dot=dot,
             intra_dot=dot,
             bwd_dot="tf32x3" if bf16 else "ieee",
+            bwd_state_dot="tf32" if bf16 else None,
         )
     return config
 

@@ -84,6 +84,8 @@ class GpuConfig:
             the split backward's state passes and dq / dk kernel) or summed over it (the dv kernel).
         states_block_k: key tile of the split backward's two state passes (None: all of K; at 64 they spilled more
             and ran 45% slower on an H200).
+        cumsum: how every GPU kernel forms the in-chunk gate cumsums: "scan" (Triton's associative scan) or a 0/1
+            matmul at "tf32x3" (float32-accurate on tensor cores) or "ieee".
         grads_cumsum: how the dq / dk kernel forms the gate gradient's in-chunk reverse cumsum: "dot" (a 0/1
             matmul at 3-pass tf32, or float32) or "scan" (sum - cumsum + r in float32).
         grads_block_v, grads_num_warps, grads_num_stages: the split backward's gradient kernels: the value tile in
@@ -94,8 +96,8 @@ class GpuConfig:
         state_dot: operand precision of the matmuls with a state: "tf32", "tf32x3", "bf16" or "ieee" (float32 exact).
         intra_dot: operand precision of the intra-chunk matmuls (scores and scores @ v).
         bwd_dot: operand precision of every matmul of the backward kernels (see `_bwd_numerics`).
-        bwd_state_dot: the backward's matmuls with a state only (None: `bwd_dot`), to time 3-pass tf32 on the
-            intra-chunk terms alone.
+        bwd_state_dot: the backward's matmuls with a state only (None: `bwd_dot`); single-pass tf32 by default,
+            3-pass stays on the intra-chunk terms (`bwd_dot`).
         thresh: decay range bound of the fast intra-chunk path (see module docstring).
     """
 
@@ -110,7 +112,7 @@ class GpuConfig:
     state_dot: str = "tf32"
     intra_dot: str = "tf32"
     bwd_dot: str = "tf32x3"
-    bwd_state_dot: str | None = None
+    bwd_state_dot: str | None = "tf32"
     thresh: float = THRESH
     fwd: str = "split"
     bwd: str = "split"
@@ -120,6 +122,7 @@ class GpuConfig:
     grads_num_warps: int = 4
     grads_num_stages: int = 1
     grads_cumsum: str = "dot"
+    cumsum: str = "scan"
     split_dtype: str = "float32"
     intra_num_warps: int = 8
     intra_num_stages: int = 1
@@ -194,16 +197,20 @@ def _col(x: jax.Array, j) -> jax.Array:
     return jnp.sum(x * _onehot(x.shape, 1, j), axis=1)
 
 
-def _cumsum_rows(g: jax.Array, tril: bool) -> jax.Array:
-    """Inclusive cumsum over rows: a scan (Triton) or a float32 matmul with a lower-triangular ones matrix (TPU)."""
-    if not tril:
+def _cumsum_rows(g: jax.Array, tril: bool | str) -> jax.Array:
+    """Inclusive cumsum over rows: a scan (tril False), or a matmul with a lower-triangular ones matrix, in float32
+    (True: TPU) or at a `_mm` mode ("tf32x3" on GPUs: the ones are exact in tf32 and g's two tf32 halves keep ~22
+    bits, so the sum is float32-accurate on tensor cores)."""
+    if tril is False:
         return jnp.cumsum(g, axis=0)
     BT = g.shape[0]
     ones = (_iota((BT, BT), 0) >= _iota((BT, BT), 1)).astype(f32)
-    return jnp.dot(ones, g, precision=lax.Precision.HIGHEST, preferred_element_type=f32)
+    if tril is True:
+        return jnp.dot(ones, g, precision=lax.Precision.HIGHEST, preferred_element_type=f32)
+    return _mm(ones, g, tril)
 
 
-def _gate_sums(g: jax.Array, tril: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _gate_sums(g: jax.Array, tril: bool | str = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(b, bL, R): inclusive cumsum [BT, K], its last row [K], the decay range max_K(-bL) (scalar)."""
     b = _cumsum_rows(g, tril)
     bL = jnp.sum(g, axis=0)
@@ -249,7 +256,7 @@ class Numerics:
     state_dot: str = "tf32"
     intra_dot: str = "tf32"
     thresh: float = THRESH
-    tril: bool = False  # cumsum by matmul (TPU) instead of a scan (Triton)
+    tril: bool | str = False  # cumsum by matmul (True: float32, TPU; or a `_mm` mode) instead of a scan
 
 
 def _decays(b, bL, ef, ei, em, trips):
@@ -406,15 +413,25 @@ def _fwd_kernel(w_ref, q_ref, k_ref, v_ref, g1_ref, g2_ref, sin_ref, o_ref, sout
     sout_ref[bh, p, 1, :, vs] = s2
 
 
+def _tril(cfg: GpuConfig) -> bool | str:
+    if cfg.cumsum not in ("scan", "tf32x3", "ieee"):
+        raise ValueError(f"GpuConfig.cumsum must be 'scan', 'tf32x3' or 'ieee', got {cfg.cumsum!r}")
+    return False if cfg.cumsum == "scan" else cfg.cumsum
+
+
 def _numerics(cfg: GpuConfig) -> Numerics:
-    return Numerics(state_dot=cfg.state_dot, intra_dot=cfg.intra_dot, thresh=cfg.thresh)
+    return Numerics(state_dot=cfg.state_dot, intra_dot=cfg.intra_dot, thresh=cfg.thresh, tril=_tril(cfg))
 
 
 def _bwd_numerics(cfg: GpuConfig) -> Numerics:
-    """The backward kernels' matmuls all run at `bwd_dot`: the gate gradient sums per-chunk q * dq - k * dk terms
-    that cancel, so single-pass tf32 (2^-11 per operand) left dg at 5e-3 relative error on an H200 (bf16 inputs,
-    gates uniform in [-50, 0], T=1000) against the 2e-3 the kernels promise."""
-    return Numerics(state_dot=cfg.bwd_state_dot or cfg.bwd_dot, intra_dot=cfg.bwd_dot, thresh=cfg.thresh)
+    """The backward's intra-chunk matmuls run at `bwd_dot`, its matmuls with a state at `bwd_state_dot` (None:
+    `bwd_dot`). The gate gradient sums per-chunk q * dq - k * dk terms that cancel: with single-pass tf32 (2^-11 per
+    operand) everywhere the older (fused) backward left dg at 5e-3 relative error on an H200 (bf16 inputs, gates
+    uniform in [-50, 0], T=1000) against the 2e-3 the kernels promise; the split backward passed that test on the
+    H200 both with single-pass state matmuls (the default) and with single-pass everywhere."""
+    return Numerics(
+        state_dot=cfg.bwd_state_dot or cfg.bwd_dot, intra_dot=cfg.bwd_dot, thresh=cfg.thresh, tril=_tril(cfg)
+    )
 
 
 def fwd_gpu(q, k, v, g1, g2, w, s_in, *, scale: float, cfg: GpuConfig, P: int, interpret=False):
