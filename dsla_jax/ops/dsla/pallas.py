@@ -1,17 +1,19 @@
 """Public entries of the DSLA Pallas kernels: `dsla_attention_pallas` (prefill / training) and
 `dsla_decode_step_pallas` (one token).
 
-Layers, as FLA: kernels (`pallas_gpu`: Triton lowering; `pallas_tpu`: Mosaic TPU; `pallas_decode`) ->
-`_fwd` / `_bwd` drivers (padding to whole chunks, segment chaining in XLA, the gate gradient) -> a `jax.custom_vjp`
-whose residuals are the inputs plus one float32 state pair per segment (the backward recomputes everything else) ->
-the public functions with shape checks, grouped-query expansion and defaults.
+Layers, as FLA: kernels (`pallas_gpu`: Triton lowering, forward and the older backward; `pallas_gpu_bwd`: the split
+backward; `pallas_tpu`: Mosaic TPU; `pallas_decode`) -> `_fwd` / `_bwd` drivers (padding to whole chunks, segment
+chaining in XLA, the gate gradient) -> a `jax.custom_vjp` whose residuals are the inputs, one float32 state pair per
+segment and (GPU split forms) the forward's mixed intra-chunk scores; the backward recomputes everything else -> the
+public functions with shape checks, grouped-query expansion and defaults.
 
 Backward, per state (w its mix weight, B the global inclusive cumsum of its gates):
-    dq     = sum_s w_s dq_s,  dq_s = scale * H_s,t dO_t (kernel `dq`, forward in time);
-    dk, dv = sums over the states of the adjoint recurrence (kernel `dkv`, backward in time);
+    dq     = sum_s w_s dq_s,  dq_s = scale * H_s,t dO_t;
+    dk, dv = sums over the states of the adjoint recurrence;
     dw_s   = sum_t q_t . dq_s,t;
     dg_s,t = sum_{i >= t} (w_s q_i * dq_s,i - k_i * dk_s,i) + sum_V (S_s,T * dS_s,T),
-             evaluated chunk-locally with exact chunk-boundary terms (`_finish_grads`).
+             evaluated chunk-locally with exact chunk-boundary terms (in the split backward's dq / dk kernel; for
+             the other forms in `_finish_grads`).
 
 None of the kernel modules is imported before a kernel is needed, and none needs a GPU to import.
 """

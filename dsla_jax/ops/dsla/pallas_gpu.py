@@ -124,7 +124,7 @@ class GpuConfig:
     grads_cumsum: str = "dot"
     cumsum: str = "scan"
     split_dtype: str = "float32"
-    intra_num_warps: int = 8
+    intra_num_warps: int = 4
     intra_num_stages: int = 1
     rec_num_warps: int = 8
     rec_num_stages: int = 1
