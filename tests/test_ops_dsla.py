@@ -304,11 +304,25 @@ def test_decode_bad_shapes_raise():
         dsla_decode_step(q[:, None], k, v, g1, g2, mix, s0)
 
 
+def test_auto_falls_back_to_xla_for_head_dims_the_kernels_do_not_take(monkeypatch):
+    """On a GPU, impl="auto" runs the Pallas kernels, whose Triton tiles need power-of-two head dims; other dims
+    (here 48) run the chunked XLA path instead of failing, and impl="pallas" says why it cannot."""
+    from dsla_jax.ops import utils
+    from dsla_jax.ops.dsla.pallas import dsla_attention_pallas
+
+    q, k, v, g1, g2, mix, _ = random_dsla_inputs(4, 1, 20, 2, 2, 48, 48, jnp.float32, init=False)
+    ref = dsla_attention(q, k, v, g1, g2, mix, impl="xla")[0]
+    monkeypatch.setattr(utils, "backend", lambda: "gpu")
+    np.testing.assert_allclose(dsla_attention(q, k, v, g1, g2, mix, impl="auto")[0], ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="powers of two"):
+        dsla_attention_pallas(q, k, v, g1, g2, mix, backend="gpu", interpret=True)
+
+
 def test_auto_choice_per_backend(monkeypatch):
     from dsla_jax.ops import utils
 
     monkeypatch.setattr(utils, "backend", lambda: "gpu")
-    assert utils.auto_impls(has_pallas=True) == ("pallas", "xla")
+    assert utils.auto_impls(has_pallas=True) == ("pallas", "pallas")
     assert utils.auto_impls() == ("xla", "xla")
     monkeypatch.setattr(utils, "backend", lambda: "cpu")
     assert utils.auto_impls(has_pallas=True) == ("naive", "xla")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dsla_jax.ops import utils as _utils
 from dsla_jax.ops.dsla.chunk import chunk_dsla_fused, chunk_dsla_two
 from dsla_jax.ops.dsla.naive import naive_dsla
 from dsla_jax.ops.dsla.recurrent import dsla_decode_step
@@ -65,8 +66,7 @@ def dsla_attention(
         impl: "naive" (float32 token loop), "xla" (chunked, the faster of the two forms: `XLA_DEFAULT`),
             "xla_fused" / "xla_two" (a chunked form explicitly), "pallas" (the Pallas kernels of `pallas.py`, forward
             and backward; GPU, or TPU), or "auto" (see `utils.AUTO_IMPL`: on CPU values from the token loop and
-            gradients through the chunked path; on GPU values from the Pallas forward and gradients through the
-            chunked path; on TPU chunked).
+            gradients through the chunked path; on GPU the Pallas kernels, forward and backward; on TPU chunked).
 
     Returns:
         o [B, T, H, V] in q's dtype and the final states (S1, S2), each [B, Hk, K, V] float32.
@@ -100,6 +100,12 @@ def dsla_attention(
 
     if impl == "auto":
         value_impl, grad_impl = auto_impls(has_pallas=True)
+        if "pallas" in (value_impl, grad_impl) and _utils.backend() == "gpu":
+            from dsla_jax.ops.dsla.pallas import gpu_dims_supported
+
+            if not gpu_dims_supported(K, V):  # Triton tiles: powers of two; the chunked path takes any dims
+                value_impl = "xla" if value_impl == "pallas" else value_impl
+                grad_impl = "xla" if grad_impl == "pallas" else grad_impl
         fn = run(value_impl) if value_impl == grad_impl else value_and_grad_from(run(value_impl), run(grad_impl))
     else:
         fn = run(impl)

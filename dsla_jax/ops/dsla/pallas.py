@@ -49,6 +49,11 @@ def _resolve_backend(backend: str | None, interpret) -> str:
     return backend
 
 
+def gpu_dims_supported(K: int, V: int) -> bool:
+    """Whether the GPU kernels take these head dims: Triton tiles are powers of two (16 .. 256)."""
+    return all(16 <= d <= 256 and d & (d - 1) == 0 for d in (K, V))
+
+
 def _check_chunk(chunk_size: int) -> None:
     if not isinstance(chunk_size, int) or chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16 for the Pallas kernels, got {chunk_size!r}")
@@ -332,6 +337,12 @@ def dsla_attention_pallas(
 
     if backend == "gpu":
         from dsla_jax.ops.dsla.pallas_gpu import pick_segments
+
+        if not gpu_dims_supported(K, V):
+            raise ValueError(
+                f"the GPU kernels need key and value head dims that are powers of two in [16, 256], got K={K}, V={V};"
+                ' use impl="xla"'
+            )
 
         cfg = _gpu_config(chunk_size, config, q.dtype)
         BT = cfg.chunk
