@@ -268,7 +268,7 @@ def _gpu_config(chunk_size: int, config, dtype):
         dot = "tf32" if bf16 else "ieee"
         config = GpuConfig(
             chunk=chunk_size,
-            bwd_chunk=chunk_size,
+            bwd_chunk=min(64, chunk_size),
             state_dot=dot,
             intra_dot=dot,
             bwd_dot="tf32x3" if bf16 else "ieee",

@@ -76,7 +76,7 @@ f32 = jnp.float32
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _states_kernel(w_ref, x_ref, y_ref, g1_ref, g2_ref, s0_ref, st_ref, send_ref, *, H, BT, BK, BV, NC, nm):
+def _states_kernel(x_ref, y_ref, g1_ref, g2_ref, s0_ref, st_ref, send_ref, *, H, BT, BK, BV, NC, nm):
     iv, ik, bh, p = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)  # tiles adjacent: L2
     b, h = lax.div(bh, H), lax.rem(bh, H)  # non-negative: no floor-division selects
     ks, vs = pl.ds(ik * BK, BK), pl.ds(iv * BV, BV)
@@ -141,7 +141,8 @@ def chunk_states_gpu(w, x, y, g1, g2, s0, *, scale: float, cfg: GpuConfig, P: in
     The recurrence is separate per key channel, so programs take [states_block_k, block_v] tiles of the states.
 
     Args:
-        w: [2] float32 mix; x, g1, g2: [B, T, H, K]; y: [B, T, H, V]; T = P * (chunks per segment) * bwd_chunk.
+        w: [2] float32 mix (reverse only: the adjoint carries w_s * scale); x, g1, g2: [B, T, H, K]; y: [B, T, H, V];
+        T = P * (chunks per segment) * bwd_chunk.
     """
     B, T, H, K = x.shape
     V = y.shape[-1]
@@ -162,7 +163,7 @@ def chunk_states_gpu(w, x, y, g1, g2, s0, *, scale: float, cfg: GpuConfig, P: in
     else:
         kernel = functools.partial(_states_kernel, H=H, BT=BT, BK=BK, BV=BV, NC=NC, nm=nm)
         out_shape = (st, ends)
-        args = (w, x, y, g1, g2, s0)
+        args = (x, y, g1, g2, s0)
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
