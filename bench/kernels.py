@@ -304,7 +304,8 @@ QUICK_FWD = (
 )
 QUICK_BWD = (
     "bwd split C64 V32 w4",
-    "bwd split C64 V32 w4 cs-dot",
+    "bwd split C64 V32 w4 states-first",
+    "bwd split C64 V32 w8 states-first",
     "bwd split C64 V32 w4 3xtf32",
     "bwd split C64 V32 w4 all-tf32",
 )
@@ -423,6 +424,8 @@ def bwd_variants():
         ("bwd split C64 V32 w4 sK64", {**split, "states_block_k": 64}),
         ("bwd split C64 V32 w4 rw4", {**split, "rec_num_warps": 4}),
         ("bwd split C64 V32 w4 scan", {**split, "grads_cumsum": "scan"}),
+        ("bwd split C64 V32 w4 states-first", {**split, "grads_order": "states-first"}),
+        ("bwd split C64 V32 w8 states-first", {**split, "grads_order": "states-first", "grads_num_warps": 8}),
         ("bwd split C64 V32 w4 cs-dot", {**split, "cumsum": "tf32x3"}),
         ("bwd split C64 V32 w4 3xtf32", {**split, "bwd_state_dot": "tf32x3"}),
         ("bwd split C64 V32 w4 all-tf32", {**split, "bwd_dot": "tf32", "bwd_state_dot": "tf32"}),

@@ -169,6 +169,7 @@ def test_gpu_kernels_interpret(case):
         grads_block_v=16,
         grads_cumsum="scan" if P > 1 else "dot",
         cumsum="tf32x3" if P > 1 else "scan",
+        grads_order="states-first" if jnp.dtype(dtype) == jnp.float32 else "intra-first",
         num_segments=P,
         bwd_chunk=min(16, chunk),
     )
@@ -244,13 +245,20 @@ def _kernel_primitives(fn, args) -> dict[str, set[str]]:
     return found
 
 
-@pytest.mark.parametrize(("fwd", "bwd", "n_fwd", "n_grad"), [("split", "split", 3, 7), ("fused", "fused", 2, 5)])
-def test_gpu_kernels_lower_for_triton(fwd, bwd, n_fwd, n_grad):
+@pytest.mark.parametrize(
+    ("fwd", "bwd", "n_fwd", "n_grad", "extra"),
+    [
+        ("split", "split", 3, 7, {}),
+        ("split", "split", 3, 7, {"grads_order": "states-first"}),
+        ("fused", "fused", 2, 5, {}),
+    ],
+)
+def test_gpu_kernels_lower_for_triton(fwd, bwd, n_fwd, n_grad, extra):
     """Forward and backward lower to Triton for CUDA (on any host: `lowering_platforms`), and the kernels use no
     `select_n` (the jax 0.11 lowering mistypes its weak scalar operands) and no `cond` (tensor-valued scf.if)."""
     B, T, H, K = 1, 256, 2, 128
     args = [jax.ShapeDtypeStruct((B, T, H, K), jnp.bfloat16)] * 5 + [jax.ShapeDtypeStruct((2,), jnp.float32)]
-    cfg = GpuConfig(fwd=fwd, bwd=bwd, num_segments=2, bwd_chunk=64 if bwd == "split" else 32)
+    cfg = GpuConfig(fwd=fwd, bwd=bwd, num_segments=2, bwd_chunk=64 if bwd == "split" else 32, **extra)
 
     def f(q, k, v, g1, g2, mix):
         return dsla_attention_pallas(q, k, v, g1, g2, mix, backend="gpu", config=cfg)[0]

@@ -86,6 +86,9 @@ class GpuConfig:
             and ran 45% slower on an H200).
         cumsum: how every GPU kernel forms the in-chunk gate cumsums: "scan" (Triton's associative scan) or a 0/1
             matmul at "tf32x3" (float32-accurate on tensor cores) or "ieee".
+        grads_order: the dq / dk kernel's order per state: "intra-first" (dA once, the intra-chunk terms, then the
+            loop over state tiles; measured) or "states-first" (the state loop first, recomputing dA in it, so fewer
+            tiles stay live across the loop; a sweep variant, not yet timed).
         grads_cumsum: how the dq / dk kernel forms the gate gradient's in-chunk reverse cumsum: "dot" (a 0/1
             matmul at 3-pass tf32, or float32) or "scan" (sum - cumsum + r in float32).
         grads_block_v, grads_num_warps, grads_num_stages: the split backward's gradient kernels: the value tile in
@@ -122,6 +125,7 @@ class GpuConfig:
     grads_num_warps: int = 4
     grads_num_stages: int = 1
     grads_cumsum: str = "dot"
+    grads_order: str = "intra-first"
     cumsum: str = "scan"
     split_dtype: str = "float32"
     intra_num_warps: int = 4

@@ -221,47 +221,54 @@ def _rev_cumsum(r, upper, cum_dot):
 
 def _dqk_kernel(
     w_ref, q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, hs_ref, dl_ref, e_ref, dend_ref, dq_ref, dk_ref, dg1_ref,
-    dg2_ref, dw_ref, *, H, BT, BK, BV, NC, scale, nm, cum_dot,
+    dg2_ref, dw_ref, *, H, BT, BK, BV, NC, scale, nm, cum_dot, states_first,
 ):  # fmt: skip
     bh, c, ik = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     b, h = lax.div(bh, H), lax.rem(bh, H)  # non-negative: no floor-division selects
     p = lax.div(c, NC)
     ts, ks = pl.ds(c * BT, BT), pl.ds(ik * BK, BK)
     nv = v_ref.shape[-1] // BV
+    zt, zk = jnp.zeros((BT, BT), f32), jnp.zeros((BT, BK), f32)
 
-    def dav(iv, carry):  # dA = do v^T and the diagonal do_i . v_i, over value tiles
-        da, dvd = carry
-        vs = pl.ds(iv * BV, BV)
-        do, v = do_ref[b, ts, h, vs].astype(f32), v_ref[b, ts, h, vs].astype(f32)
-        return da + _mm(do, v, nm.intra_dot, tb=True), dvd + jnp.sum(do * v, axis=1)[:, None]
+    def value_tiles(s, e_c, with_da):
+        """One loop over value tiles: (do H_c^T, v D_c^T, sum_V H_c * D_c) of state s if s is not None, and
+        (do v^T, do_i . v_i) if with_da."""
 
-    da, dvd = lax.fori_loop(0, nv, dav, (jnp.zeros((BT, BT), f32), jnp.zeros((BT, 1), f32)))
-    da = da * _strict(BT)  # j < i
-    q = q_ref[b, ts, h, ks].astype(f32)  # [BT, BK]: everything below is separate per key channel
-    k = k_ref[b, ts, h, ks].astype(f32)
+        def body(iv, carry):
+            dqh, vds, hsum, da, dvd = carry
+            vs = pl.ds(iv * BV, BV)
+            do, v = do_ref[b, ts, h, vs].astype(f32), v_ref[b, ts, h, vs].astype(f32)
+            if with_da:
+                da = da + _mm(do, v, nm.intra_dot, tb=True)
+                dvd = dvd + jnp.sum(do * v, axis=1)[:, None]
+            if s is not None:  # the states in [BK, BV] tiles
+                hs = hs_ref[s, bh, c, ks, vs]  # entering the chunk
+                dS = dl_ref[s, bh, c, ks, vs] + e_c * dend_ref[bh, p, s, ks, vs]  # adjoint of the state leaving it
+                dqh = dqh + _mm(do, hs, nm.state_dot, tb=True)
+                vds = vds + _mm(v, dS, nm.state_dot, tb=True)
+                hsum = hsum + jnp.sum(hs * dS, axis=1)
+            return dqh, vds, hsum, da, dvd
+
+        return lax.fori_loop(0, nv, body, (zk, zk, jnp.zeros((BK,), f32), zt, jnp.zeros((BT, 1), f32)))
+
+    if not states_first:  # dA once for both states, then per state the intra terms before the state loop
+        _, _, _, da, dvd = value_tiles(None, None, True)
+        q = q_ref[b, ts, h, ks].astype(f32)  # [BT, BK]: everything below is separate per key channel
+        k = k_ref[b, ts, h, ks].astype(f32)
     upper = 1.0 - _strict(BT)  # [t, i]: 1 where i >= t
     dq = dk = None
     for s, (g_ref, dg_ref) in enumerate(((g1_ref, dg1_ref), (g2_ref, dg2_ref))):
         w = w_ref[s]
         ws = w * scale
-        bg, bL, R = _gate_sums(g_ref[b, ts, h, ks].astype(f32), nm.tril)
-        dqi, dki, eq, ek = _intra_dqk(q, k, bg, bL, R, da, nm)
         e_c = e_ref[s, bh, c, 0, ks][:, None]  # decay from the chunk's end to the segment's end
-
-        def states(iv, carry, s=s, e_c=e_c):  # the states in [BK, BV] tiles
-            dqh, vds, hsum = carry
-            vs = pl.ds(iv * BV, BV)
-            hs = hs_ref[s, bh, c, ks, vs]  # entering the chunk
-            dS = dl_ref[s, bh, c, ks, vs] + e_c * dend_ref[bh, p, s, ks, vs]  # adjoint of the state leaving it
-            do, v = do_ref[b, ts, h, vs].astype(f32), v_ref[b, ts, h, vs].astype(f32)
-            return (
-                dqh + _mm(do, hs, nm.state_dot, tb=True),
-                vds + _mm(v, dS, nm.state_dot, tb=True),
-                hsum + jnp.sum(hs * dS, axis=1),
-            )
-
-        z = jnp.zeros((BT, BK), f32)
-        dqh, vds, hsum = lax.fori_loop(0, nv, states, (z, z, jnp.zeros((BK,), f32)))
+        if states_first:  # the state loop first (dA recomputed in it), so fewer tiles live across it
+            dqh, vds, hsum, da, dvd = value_tiles(s, e_c, True)
+            q = q_ref[b, ts, h, ks].astype(f32)
+            k = k_ref[b, ts, h, ks].astype(f32)
+        bg, bL, R = _gate_sums(g_ref[b, ts, h, ks].astype(f32), nm.tril)
+        dqi, dki, eq, ek = _intra_dqk(q, k, bg, bL, R, da * _strict(BT), nm)  # dA masked to j < i
+        if not states_first:
+            dqh, vds, hsum, _, _ = value_tiles(s, e_c, False)
         dq_s = scale * (dqh * eq + dqi)  # unweighted, without i = j
         dk_s = vds * ek + ws * dki  # without i = j
         nxt = jnp.exp(bL) * hsum + jnp.sum(k * ek * vds, axis=0)  # sum_V H_{c+1} * D_c, [BK]
@@ -322,11 +329,13 @@ def bwd_grads_gpu(
     N = T // BT
     NC = N // P
     nm = _bwd_numerics(cfg)
+    if cfg.grads_order not in ("intra-first", "states-first"):
+        raise ValueError(f"GpuConfig.grads_order must be 'intra-first' or 'states-first', got {cfg.grads_order!r}")
     cum_dot = cfg.grads_cumsum if cfg.grads_cumsum != "dot" else ("ieee" if nm.intra_dot == "ieee" else "tf32x3")
     params = _compiler_params(cfg.grads_num_warps, cfg.grads_num_stages, interpret)
     kw = dict(H=H, BT=BT, BK=BK, BV=BV, NC=NC, scale=scale, nm=nm)
     dq, dk, dg1, dg2, dw = pl.pallas_call(
-        functools.partial(_dqk_kernel, cum_dot=cum_dot, **kw),
+        functools.partial(_dqk_kernel, cum_dot=cum_dot, states_first=cfg.grads_order == "states-first", **kw),
         out_shape=(
             jax.ShapeDtypeStruct((B, T, H, K), q.dtype),
             jax.ShapeDtypeStruct((B, T, H, K), q.dtype),
