@@ -295,13 +295,7 @@ def decode_rows(B=64, interpret=False, sweep=False):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-QUICK_FWD = (
-    "split C64 V64 w8",
-    "split C64 V64 w8 iw4",
-    "split C64 V64 w8 cs-dot",
-    "split C64 V64 w8 iw4 cs-dot",
-    "split C64 V64 w8 kd-bf16",
-)
+QUICK_FWD = ("split C64 V64 w8", "split C64 V64 w8 iw4", "split C64 V64 w8 kd-bf16")
 QUICK_BWD = (
     "bwd split C64 V32 w4",
     "bwd split C64 V32 w4 states-first",
