@@ -300,6 +300,7 @@ QUICK_BWD = (
     "bwd split C64 V32 w4",
     "bwd split C64 V32 w4 states-first",
     "bwd split C64 V32 w8 states-first",
+    "bwd split C64 V32 w4 intra-split",
     "bwd split C64 V32 w4 3xtf32",
     "bwd split C64 V32 w4 all-tf32",
 )
@@ -420,6 +421,7 @@ def bwd_variants():
         ("bwd split C64 V32 w4 scan", {**split, "grads_cumsum": "scan"}),
         ("bwd split C64 V32 w4 states-first", {**split, "grads_order": "states-first"}),
         ("bwd split C64 V32 w8 states-first", {**split, "grads_order": "states-first", "grads_num_warps": 8}),
+        ("bwd split C64 V32 w4 intra-split", {**split, "grads_order": "split"}),
         ("bwd split C64 V32 w4 cs-dot", {**split, "cumsum": "tf32x3"}),
         ("bwd split C64 V32 w4 3xtf32", {**split, "bwd_state_dot": "tf32x3"}),
         ("bwd split C64 V32 w4 all-tf32", {**split, "bwd_dot": "tf32", "bwd_state_dot": "tf32"}),

@@ -88,7 +88,9 @@ class GpuConfig:
             matmul at "tf32x3" (float32-accurate on tensor cores) or "ieee".
         grads_order: the dq / dk kernel's order per state: "intra-first" (dA once, the intra-chunk terms, then the
             loop over state tiles; measured) or "states-first" (the state loop first, recomputing dA in it, so fewer
-            tiles stay live across the loop; a sweep variant, not yet timed).
+            tiles stay live across the loop; a sweep variant, not yet timed) or "split" (FLA's split: a first
+            kernel stores the intra-chunk terms of dq and dk in float32, +0.5 GB of traffic at B1 T8192, and the
+            second reads them; not yet timed).
         grads_cumsum: how the dq / dk kernel forms the gate gradient's in-chunk reverse cumsum: "dot" (a 0/1
             matmul at 3-pass tf32, or float32) or "scan" (sum - cumsum + r in float32).
         grads_block_v, grads_num_warps, grads_num_stages: the split backward's gradient kernels: the value tile in

@@ -219,10 +219,33 @@ def _rev_cumsum(r, upper, cum_dot):
     return _mm(upper, r, cum_dot)
 
 
-def _dqk_kernel(
-    w_ref, q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, hs_ref, dl_ref, e_ref, dend_ref, dq_ref, dk_ref, dg1_ref,
-    dg2_ref, dw_ref, *, H, BT, BK, BV, NC, scale, nm, cum_dot, states_first,
-):  # fmt: skip
+def _dqk_intra_kernel(q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, dqi_ref, dki_ref, *, H, BT, BK, BV, nm):
+    """`grads_order="split"`, first kernel: the intra-chunk terms of dq and dk per state, stored in float32."""
+    bh, c, ik = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, h = lax.div(bh, H), lax.rem(bh, H)
+    ts, ks = pl.ds(c * BT, BT), pl.ds(ik * BK, BK)
+
+    def dav(iv, da):
+        vs = pl.ds(iv * BV, BV)
+        return da + _mm(do_ref[b, ts, h, vs].astype(f32), v_ref[b, ts, h, vs].astype(f32), nm.intra_dot, tb=True)
+
+    da = lax.fori_loop(0, v_ref.shape[-1] // BV, dav, jnp.zeros((BT, BT), f32)) * _strict(BT)  # j < i
+    q = q_ref[b, ts, h, ks].astype(f32)
+    k = k_ref[b, ts, h, ks].astype(f32)
+    for s, g_ref in enumerate((g1_ref, g2_ref)):
+        bg, bL, R = _gate_sums(g_ref[b, ts, h, ks].astype(f32), nm.tril)
+        dqi, dki, _, _ = _intra_dqk(q, k, bg, bL, R, da, nm)
+        dqi_ref[s, bh, ts, ks] = dqi
+        dki_ref[s, bh, ts, ks] = dki
+
+
+def _dqk_kernel(*refs, H, BT, BK, BV, NC, scale, nm, cum_dot, order):
+    if order == "split":  # the intra-chunk terms come from `_dqk_intra_kernel`
+        (w_ref, q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, hs_ref, dl_ref, e_ref, dend_ref, dqi_ref, dki_ref,
+         dq_ref, dk_ref, dg1_ref, dg2_ref, dw_ref) = refs  # fmt: skip
+    else:
+        (w_ref, q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, hs_ref, dl_ref, e_ref, dend_ref,
+         dq_ref, dk_ref, dg1_ref, dg2_ref, dw_ref) = refs  # fmt: skip
     bh, c, ik = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     b, h = lax.div(bh, H), lax.rem(bh, H)  # non-negative: no floor-division selects
     p = lax.div(c, NC)
@@ -230,9 +253,9 @@ def _dqk_kernel(
     nv = v_ref.shape[-1] // BV
     zt, zk = jnp.zeros((BT, BT), f32), jnp.zeros((BT, BK), f32)
 
-    def value_tiles(s, e_c, with_da):
-        """One loop over value tiles: (do H_c^T, v D_c^T, sum_V H_c * D_c) of state s if s is not None, and
-        (do v^T, do_i . v_i) if with_da."""
+    def value_tiles(s, e_c, with_da, with_dvd):
+        """One loop over value tiles: (do H_c^T, v D_c^T, sum_V H_c * D_c) of state s if s is not None, do v^T if
+        with_da and the diagonal do_i . v_i if with_dvd."""
 
         def body(iv, carry):
             dqh, vds, hsum, da, dvd = carry
@@ -240,6 +263,7 @@ def _dqk_kernel(
             do, v = do_ref[b, ts, h, vs].astype(f32), v_ref[b, ts, h, vs].astype(f32)
             if with_da:
                 da = da + _mm(do, v, nm.intra_dot, tb=True)
+            if with_dvd:
                 dvd = dvd + jnp.sum(do * v, axis=1)[:, None]
             if s is not None:  # the states in [BK, BV] tiles
                 hs = hs_ref[s, bh, c, ks, vs]  # entering the chunk
@@ -251,8 +275,8 @@ def _dqk_kernel(
 
         return lax.fori_loop(0, nv, body, (zk, zk, jnp.zeros((BK,), f32), zt, jnp.zeros((BT, 1), f32)))
 
-    if not states_first:  # dA once for both states, then per state the intra terms before the state loop
-        _, _, _, da, dvd = value_tiles(None, None, True)
+    if order == "intra-first":  # dA once for both states, then per state the intra terms before the state loop
+        _, _, _, da, dvd = value_tiles(None, None, True, True)
         q = q_ref[b, ts, h, ks].astype(f32)  # [BT, BK]: everything below is separate per key channel
         k = k_ref[b, ts, h, ks].astype(f32)
     upper = 1.0 - _strict(BT)  # [t, i]: 1 where i >= t
@@ -261,14 +285,18 @@ def _dqk_kernel(
         w = w_ref[s]
         ws = w * scale
         e_c = e_ref[s, bh, c, 0, ks][:, None]  # decay from the chunk's end to the segment's end
-        if states_first:  # the state loop first (dA recomputed in it), so fewer tiles live across it
-            dqh, vds, hsum, da, dvd = value_tiles(s, e_c, True)
+        if order != "intra-first":  # the state loop first, so fewer tiles live across it
+            dqh, vds, hsum, da, dvd = value_tiles(s, e_c, order == "states-first", True)
             q = q_ref[b, ts, h, ks].astype(f32)
             k = k_ref[b, ts, h, ks].astype(f32)
         bg, bL, R = _gate_sums(g_ref[b, ts, h, ks].astype(f32), nm.tril)
-        dqi, dki, eq, ek = _intra_dqk(q, k, bg, bL, R, da * _strict(BT), nm)  # dA masked to j < i
-        if not states_first:
-            dqh, vds, hsum, _, _ = value_tiles(s, e_c, False)
+        if order == "split":
+            dqi, dki = dqi_ref[s, bh, ts, ks], dki_ref[s, bh, ts, ks]
+            eq, ek = jnp.exp(bg), jnp.exp(jnp.minimum(bL[None, :] - bg, 0.0))  # exponents <= 0
+        else:
+            dqi, dki, eq, ek = _intra_dqk(q, k, bg, bL, R, da * _strict(BT), nm)  # dA masked to j < i
+        if order == "intra-first":
+            dqh, vds, hsum, _, _ = value_tiles(s, e_c, False, False)
         dq_s = scale * (dqh * eq + dqi)  # unweighted, without i = j
         dk_s = vds * ek + ws * dki  # without i = j
         nxt = jnp.exp(bL) * hsum + jnp.sum(k * ek * vds, axis=0)  # sum_V H_{c+1} * D_c, [BK]
@@ -329,13 +357,25 @@ def bwd_grads_gpu(
     N = T // BT
     NC = N // P
     nm = _bwd_numerics(cfg)
-    if cfg.grads_order not in ("intra-first", "states-first"):
-        raise ValueError(f"GpuConfig.grads_order must be 'intra-first' or 'states-first', got {cfg.grads_order!r}")
+    if cfg.grads_order not in ("intra-first", "states-first", "split"):
+        raise ValueError(
+            f"GpuConfig.grads_order must be 'intra-first', 'states-first' or 'split', got {cfg.grads_order!r}"
+        )
     cum_dot = cfg.grads_cumsum if cfg.grads_cumsum != "dot" else ("ieee" if nm.intra_dot == "ieee" else "tf32x3")
     params = _compiler_params(cfg.grads_num_warps, cfg.grads_num_stages, interpret)
     kw = dict(H=H, BT=BT, BK=BK, BV=BV, NC=NC, scale=scale, nm=nm)
+    intra = ()
+    if cfg.grads_order == "split":
+        intra = pl.pallas_call(
+            functools.partial(_dqk_intra_kernel, H=H, BT=BT, BK=BK, BV=BV, nm=nm),
+            out_shape=(jax.ShapeDtypeStruct((2, B * H, T, K), f32),) * 2,
+            grid=(B * H, N, K // BK),
+            compiler_params=params,
+            interpret=interpret,
+            name="dsla_bwd_dqk_intra",
+        )(q, k, v, do, g1, g2)
     dq, dk, dg1, dg2, dw = pl.pallas_call(
-        functools.partial(_dqk_kernel, cum_dot=cum_dot, states_first=cfg.grads_order == "states-first", **kw),
+        functools.partial(_dqk_kernel, cum_dot=cum_dot, order=cfg.grads_order, **kw),
         out_shape=(
             jax.ShapeDtypeStruct((B, T, H, K), q.dtype),
             jax.ShapeDtypeStruct((B, T, H, K), q.dtype),
@@ -347,7 +387,7 @@ def bwd_grads_gpu(
         compiler_params=params,
         interpret=interpret,
         name="dsla_bwd_dqk",
-    )(w, q, k, v, do, g1, g2, hs, dl, e, ds_end)
+    )(w, q, k, v, do, g1, g2, hs, dl, e, ds_end, *intra)
     dv = pl.pallas_call(
         functools.partial(_dv_kernel, H=H, BT=BT, BK=BK, BV=BV, NC=NC, nm=nm),
         out_shape=jax.ShapeDtypeStruct((B, T, H, V), q.dtype),
