@@ -11,23 +11,26 @@ every chunk in parallel, both states in one program, and write the final gradien
   The caller chains the segments' totals in XLA to the adjoints leaving each segment, dS_end[p]; then the true
   adjoint is D_c = Dloc_c + e_c * dS_end[p(c)], formed where it is read. (No reverse summary pass over the sequence
   beforehand: that pass cost as much as the states pass itself.)
-* `bwd_dqk_gpu`, per chunk c and state s (weight w_s, scale sc, ws = sc w_s, b the chunk-local inclusive gate
-  cumsum, bL its last row, dA_ij = do_i . v_j):
+* `bwd_grads_gpu`'s dq / dk kernel, per chunk c and state s (weight w_s, scale sc, ws = sc w_s, b the chunk-local
+  inclusive gate cumsum, bL its last row, dA_ij = do_i . v_j):
 
       dq_s,i  = sc [ exp(b_i) * (do_i H_c^T) + sum_{j <= i} dA_ij k_j * exp(b_i - b_j) ]
       dk_s,j  = exp(bL - b_j) * (v_j D_c^T) + ws sum_{i >= j} dA_ij q_i * exp(b_i - b_j)
       dg_s,t  = sum_{i >= t in the chunk} (w_s q_i * dq_s,i - k_i * dk_s,i) + sum_V H_{c+1} * D_c
       dw_s    = sum_t q_t . dq_s,t
 
-  and writes dq = sum_s w_s dq_s, dk = sum_s dk_s, dg_s. The [K, V] states are streamed in [K, BV] tiles (a loop
-  over value tiles), never held whole. The i = j terms of dq and dk (sc (do_i . v_i) k_i and ws (do_i . v_i) q_i)
+  and writes dq = sum_s w_s dq_s, dk = sum_s dk_s, dg_s, one key tile per program; the states are streamed in
+  [block_k, BV] tiles (a loop over value tiles), never held whole. `GpuConfig.grads_order` sets the order of its
+  work per state (the intra-chunk terms first, the measured default; the state loop first; or the intra-chunk
+  terms from a separate kernel that stores them in float32, FLA's split), trading register pressure against
+  traffic. The i = j terms of dq and dk (sc (do_i . v_i) k_i and ws (do_i . v_i) q_i)
   carry no decay and cancel exactly in w_s q * dq_s - k * dk_s: they are left out of that sum and added to dq, dk
   directly (the same gate gradient as `pallas._finish_grads` for the older kernels). sum_V H_{c+1} * D_c, the exact
   gate gradient at the next chunk's first token, is exp(bL) sum_V H_c * D_c + sum_j kd_j * (v_j D_c^T).
-* the dv kernel, per chunk and value tile: dv_j = sum_s (k_j * exp(bL - b_j)) D_c + sum_{i >= j} A_ij do_i, the
-  state term summed over key tiles, A = scale sum_s w_s A_s the mixed scores the forward's intra-chunk kernel
-  stored (a [T, chunk] float32 residual per head: the backward recomputes no scores for dv, and the dv kernel has
-  no intra-chunk paths).
+* `bwd_grads_gpu`'s dv kernel, per chunk and value tile: dv_j = sum_s (k_j * exp(bL - b_j)) D_c
+  + sum_{i >= j} A_ij do_i, the state term summed over key tiles, A = scale sum_s w_s A_s the mixed scores the
+  forward's intra-chunk kernel stored (a [T, chunk] float32 residual per head: the backward recomputes no scores
+  for dv, and the dv kernel has no intra-chunk paths).
 
 Register pressure sets the tiling (v2 of this backward held whole [K, V] states and [BT, K] tiles per program: 255
 registers and 16 GB of spill traffic per call at B1 T8192 on an H200). Everything but the scores A is separate per key
