@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from dsla_jax.layers.dsla import DSLA
 from dsla_jax.models.llama import Llama
 from dsla_jax.training.data import TokenRows
-from dsla_jax.training.layerwise import layer_inputs, mixer_sumsq, row_batches, split_layers
+from dsla_jax.training.layerwise import mixer_pair_sums, mixer_sumsq
 
 
 def output_scales(
@@ -26,16 +25,11 @@ def output_scales(
     `num_rows` rows)."""
     if len(rows) == 0:
         raise ValueError("no text rows to calibrate DSLA output scales on")
-    layers = split_layers(teacher)
-    split = {i: nnx.split(m) for i, m in mixers.items()}
-    attn_ss = dict.fromkeys(mixers, 0.0)
-    dsla_ss = dict.fromkeys(mixers, 0.0)
-    for tokens, valid in row_batches(rows, batch_size, num_rows):
-        info, xs = layer_inputs(teacher, layers, tokens, valid)
-        for i, (mg, ms) in split.items():
-            lg, ls = layers[i]
-            attn_ss[i] += float(mixer_sumsq(lg, ls, None, None, xs[i], info))
-            dsla_ss[i] += float(mixer_sumsq(lg, ls, mg, ms, xs[i], info))
+
+    def pair(lg, ls, mg, ms, x, info):
+        return mixer_sumsq(lg, ls, None, None, x, info), mixer_sumsq(lg, ls, mg, ms, x, info)
+
+    attn_ss, dsla_ss = mixer_pair_sums(teacher, mixers, rows, pair, num_rows=num_rows, batch_size=batch_size)
     return {i: float(np.sqrt(attn_ss[i] / max(dsla_ss[i], 1e-30))) for i in mixers}
 
 

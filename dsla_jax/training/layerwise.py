@@ -77,3 +77,20 @@ def row_batches(rows: TokenRows, batch_size: int, max_rows: int):
     for start in range(0, n, batch_size):
         part = rows.take(slice(start, min(start + batch_size, n)))
         yield jnp.asarray(part["tokens"]), jnp.asarray(part["valid"])
+
+
+def mixer_pair_sums(teacher: Llama, mixers: dict, rows: TokenRows, pair, *, num_rows: int, batch_size: int):
+    """Two sums per layer over the first `num_rows` rows: `pair(layer_graph, layer_state, mixer_graph, mixer_state,
+    x, info)` -> (a, b) on x, the teacher's input to that layer; `mixers` maps layers to DSLA modules. Returns the
+    dicts ({layer: sum a}, {layer: sum b})."""
+    layers = split_layers(teacher)
+    split = {i: nnx.split(m) for i, m in mixers.items()}
+    sums_a = dict.fromkeys(mixers, 0.0)
+    sums_b = dict.fromkeys(mixers, 0.0)
+    for tokens, valid in row_batches(rows, batch_size, num_rows):
+        info, xs = layer_inputs(teacher, layers, tokens, valid)
+        for i, (mg, ms) in split.items():
+            a, b = pair(*layers[i], mg, ms, xs[i], info)
+            sums_a[i] += float(a)
+            sums_b[i] += float(b)
+    return sums_a, sums_b

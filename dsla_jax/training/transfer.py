@@ -31,7 +31,7 @@ from dsla_jax.models.llama import Llama
 from dsla_jax.training.config import DistillConfig
 from dsla_jax.training.data import BatchIterator, TokenRows
 from dsla_jax.training.forward import mixer_inputs, original_attention
-from dsla_jax.training.layerwise import layer_inputs, row_batches, split_layers
+from dsla_jax.training.layerwise import mixer_pair_sums
 from dsla_jax.training.metrics_log import MetricsLog
 from dsla_jax.training.optim import lr_schedule, make_optimizer
 from dsla_jax.training.params import SEP, Flat, layer_index, merge
@@ -296,16 +296,7 @@ def layer_mse(
 ) -> dict[int, float]:
     """{layer: sum (mixer(h) - attention(h))^2 / sum attention(h)^2} over the first `num_rows` rows, h the teacher's
     normed input to that layer; `mixers` maps layers to DSLA modules."""
-    layers = split_layers(teacher)
-    split = {i: nnx.split(m) for i, m in mixers.items()}
-    err = dict.fromkeys(mixers, 0.0)
-    ref = dict.fromkeys(mixers, 0.0)
-    for tokens, valid in row_batches(rows, batch_size, num_rows):
-        info, xs = layer_inputs(teacher, layers, tokens, valid)
-        for i, (mg, ms) in split.items():
-            e, r = _layer_relative_sums(*layers[i], mg, ms, xs[i], info)
-            err[i] += float(e)
-            ref[i] += float(r)
+    err, ref = mixer_pair_sums(teacher, mixers, rows, _layer_relative_sums, num_rows=num_rows, batch_size=batch_size)
     return {i: float(err[i] / max(ref[i], 1e-30)) for i in mixers}
 
 
