@@ -387,13 +387,17 @@ def split_parts(args, interpret: bool, cfg=None):
         ("seg", seg, (kd, ebl, v), (P - 1) / P * (2 * tok * ks + tok * it)),
         ("rec", rec, (qd, kd, ebl, v, oi, s_in), 2 * tok * (qs + ks) + 2 * tok * it + tok * 4),
     ]
-    for name, f, a, nbytes in parts if P > 1 else parts[::2]:
+    time_parts("split part", "fwd", parts if P > 1 else parts[::2], B=B, T=T, P=P)
+
+
+def time_parts(prefix: str, pass_: str, parts, *, B: int, T: int, P: int) -> None:
+    """Times each (name, jitted fn, args, HBM bytes) of `parts` alone and records its time and TB/s (or its error)."""
+    for name, f, args, nbytes in parts:
         try:
-            ms = time_jax(f, *a)
-            name = f"split part {name} P{P}"
-            record(impl=name, B=B, T=T, pass_="fwd", ms=ms, GB=nbytes / 1e9, TBps=nbytes / ms / 1e9)
+            ms = time_jax(f, *args)
+            record(impl=f"{prefix} {name} P{P}", B=B, T=T, pass_=pass_, ms=ms, GB=nbytes / 1e9, TBps=nbytes / ms / 1e9)
         except Exception as e:
-            record(impl=f"split part {name}", B=B, T=T, pass_="fwd", error=f"{type(e).__name__}: {str(e)[:300]}")
+            record(impl=f"{prefix} {name}", B=B, T=T, pass_=pass_, error=f"{type(e).__name__}: {str(e)[:300]}")
             traceback.print_exc(limit=2)
 
 
@@ -457,13 +461,7 @@ def bwd_parts(args, interpret: bool, cfg=None):
         # dq/dk: 6 inputs, 2 state sets, 4 outputs; dv: 5 inputs, 1 state set, 1 output
         ("dqk+dv", grads, (mix, q, k, v, v, g1, g2, hs, dl, e, s0, a), 11 * tok * it + 3 * st + 5 * tok * it),
     ]
-    for name, f, a, nbytes in parts:
-        try:
-            ms = time_jax(f, *a)
-            record(impl=f"bwd part {name} P{P}", B=B, T=T, pass_="bwd", ms=ms, GB=nbytes / 1e9, TBps=nbytes / ms / 1e9)
-        except Exception as e:
-            record(impl=f"bwd part {name}", B=B, T=T, pass_="bwd", error=f"{type(e).__name__}: {str(e)[:300]}")
-            traceback.print_exc(limit=2)
+    time_parts("bwd part", "bwd", parts, B=B, T=T, P=P)
 
 
 def run_sweep(interpret: bool, budget_s: float, quick: bool = False, only: str | None = None):
