@@ -203,20 +203,18 @@ def _col(x: jax.Array, j) -> jax.Array:
     return jnp.sum(x * _onehot(x.shape, 1, j), axis=1)
 
 
-def _cumsum_rows(g: jax.Array, tril: bool | str) -> jax.Array:
-    """Inclusive cumsum over rows: a scan (tril False), or a matmul with a lower-triangular ones matrix, in float32
-    (True: TPU) or at a `_mm` mode ("tf32x3" on GPUs: the ones are exact in tf32 and g's two tf32 halves keep ~22
-    bits, so the sum is float32-accurate on tensor cores)."""
-    if tril is False:
+def _cumsum_rows(g: jax.Array, tril: str | None) -> jax.Array:
+    """Inclusive cumsum over rows: a scan (tril None), or a matmul with a lower-triangular ones matrix at the `_mm`
+    mode `tril` ("ieee": float32, the TPU kernels; "tf32x3" on GPUs: the ones are exact in tf32 and g's two tf32
+    halves keep ~22 bits, so the sum is float32-accurate on tensor cores)."""
+    if tril is None:
         return jnp.cumsum(g, axis=0)
     BT = g.shape[0]
     ones = (_iota((BT, BT), 0) >= _iota((BT, BT), 1)).astype(f32)
-    if tril is True:
-        return jnp.dot(ones, g, precision=lax.Precision.HIGHEST, preferred_element_type=f32)
     return _mm(ones, g, tril)
 
 
-def _gate_sums(g: jax.Array, tril: bool | str = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _gate_sums(g: jax.Array, tril: str | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(b, bL, R): inclusive cumsum [BT, K], its last row [K], the decay range max_K(-bL) (scalar)."""
     b = _cumsum_rows(g, tril)
     bL = jnp.sum(g, axis=0)
@@ -262,7 +260,7 @@ class Numerics:
     state_dot: str = "tf32"
     intra_dot: str = "tf32"
     thresh: float = THRESH
-    tril: bool | str = False  # cumsum by matmul (True: float32, TPU; or a `_mm` mode) instead of a scan
+    tril: str | None = None  # cumsum by a matmul at this `_mm` mode ("ieee" on TPU) instead of a scan (None)
 
 
 def _decays(b, bL, ef, ei, em, trips):
@@ -419,10 +417,10 @@ def _fwd_kernel(w_ref, q_ref, k_ref, v_ref, g1_ref, g2_ref, sin_ref, o_ref, sout
     sout_ref[bh, p, 1, :, vs] = s2
 
 
-def _tril(cfg: GpuConfig) -> bool | str:
+def _tril(cfg: GpuConfig) -> str | None:
     if cfg.cumsum not in ("scan", "tf32x3", "ieee"):
         raise ValueError(f"GpuConfig.cumsum must be 'scan', 'tf32x3' or 'ieee', got {cfg.cumsum!r}")
-    return False if cfg.cumsum == "scan" else cfg.cumsum
+    return None if cfg.cumsum == "scan" else cfg.cumsum
 
 
 def _numerics(cfg: GpuConfig) -> Numerics:

@@ -42,7 +42,7 @@ class TpuConfig:
 
 
 def _numerics(cfg: TpuConfig) -> Numerics:
-    return Numerics(state_dot=cfg.state_dot, intra_dot=cfg.intra_dot, thresh=cfg.thresh, tril=True)
+    return Numerics(state_dot=cfg.state_dot, intra_dot=cfg.intra_dot, thresh=cfg.thresh, tril="ieee")
 
 
 def _params(interpret, n_parallel: int):
