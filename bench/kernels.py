@@ -298,11 +298,13 @@ def decode_rows(B=64, interpret=False, sweep=False):
 QUICK_FWD = ("split C64 V64 w8", "split C64 V64 w8 iw4", "split C64 V64 w8 kd-bf16")
 QUICK_BWD = (
     "bwd split C64 V32 w4",
-    "bwd split C64 V32 w4 states-first",
-    "bwd split C64 V32 w8 states-first",
     "bwd split C64 V32 w4 intra-split",
-    "bwd split C64 V32 w4 3xtf32",
-    "bwd split C64 V32 w4 all-tf32",
+    "bwd split C64 V32 w8 intra-split scan",
+    "bwd split C64 V32 w8 intra-split scan iw4",
+    "bwd split C64 V32 w8 intra-split scan dv64",
+    "bwd split C64 V32 w8 intra-split scan dv64 s2",
+    "bwd split C64 V32 w8 intra-split scan dv64 all-tf32",
+    "bwd split C64 V32 w8 intra-split scan dv128",
 )
 
 
@@ -410,6 +412,9 @@ def bwd_variants():
     split = dict(
         chunk=64, block_v=64, bwd="split", bwd_chunk=64, grads_block_v=32, grads_num_warps=4, bwd_state_dot="tf32"
     )
+    isplit8 = {**split, "grads_order": "split", "grads_num_warps": 8}
+    isplit8s = {**isplit8, "grads_cumsum": "scan"}
+    dv64 = dict(dv_block_v=64, dv_num_warps=8)
     fused = dict(chunk=64, block_v=64, bwd="fused", bwd_chunk=32, bwd_num_warps=8, bwd_state_dot=None)
     return [
         ("bwd split C64 V32 w4", split),
@@ -426,6 +431,16 @@ def bwd_variants():
         ("bwd split C64 V32 w4 states-first", {**split, "grads_order": "states-first"}),
         ("bwd split C64 V32 w8 states-first", {**split, "grads_order": "states-first", "grads_num_warps": 8}),
         ("bwd split C64 V32 w4 intra-split", {**split, "grads_order": "split"}),
+        ("bwd split C64 V32 w8 intra-split", {**split, "grads_order": "split", "grads_num_warps": 8}),
+        ("bwd split C64 V32 w8 intra-split scan", {**isplit8, "grads_cumsum": "scan"}),
+        ("bwd split C64 V32 w8 intra-split scan all-tf32", {**isplit8, "grads_cumsum": "scan", "bwd_dot": "tf32"}),
+        ("bwd split C64 V32 w8 intra-split scan P16", {**isplit8, "grads_cumsum": "scan", "num_segments": 16}),
+        ("bwd split C64 V32 w8 intra-split scan sK64", {**isplit8, "grads_cumsum": "scan", "states_block_k": 64}),
+        ("bwd split C64 V32 w8 intra-split scan iw4", {**isplit8, "grads_cumsum": "scan", "dqk_intra_num_warps": 4}),
+        ("bwd split C64 V32 w8 intra-split scan dv64", {**isplit8s, **dv64}),
+        ("bwd split C64 V32 w8 intra-split scan dv64 s2", {**isplit8s, **dv64, "grads_num_stages": 2}),
+        ("bwd split C64 V32 w8 intra-split scan dv64 all-tf32", {**isplit8s, **dv64, "bwd_dot": "tf32"}),
+        ("bwd split C64 V32 w8 intra-split scan dv128", {**isplit8s, "dv_block_v": 128, "dv_num_warps": 8}),
         ("bwd split C64 V32 w4 cs-dot", {**split, "cumsum": "tf32x3"}),
         ("bwd split C64 V32 w4 3xtf32", {**split, "bwd_state_dot": "tf32x3"}),
         ("bwd split C64 V32 w4 all-tf32", {**split, "bwd_dot": "tf32", "bwd_state_dot": "tf32"}),
@@ -549,7 +564,9 @@ def config_from_sweep(path: str):
     kw = dict(fwd[min(ok_f, key=lambda r: r["ms"])["impl"][7:]])
     if ok_b:
         bk = bwd[min(ok_b, key=lambda r: r["ms"])["impl"][7:]]
-        kw.update({k: v for k, v in bk.items() if k.startswith("grads_") or k in ("bwd", "bwd_num_warps")})
+        kw.update(
+            {k: v for k, v in bk.items() if k.startswith(("grads_", "dv_", "dqk_")) or k in ("bwd", "bwd_num_warps")}
+        )
         if bk.get("cumsum") and kw.get("cumsum") != bk["cumsum"]:  # one cumsum for both passes: the backward's wins
             kw["cumsum"] = bk["cumsum"]
         kw.update(bwd_chunk=min(bk["bwd_chunk"], kw["chunk"]))

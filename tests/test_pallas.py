@@ -169,7 +169,7 @@ def test_gpu_kernels_interpret(case):
         grads_block_v=16,
         grads_cumsum="scan" if P > 1 else "dot",
         cumsum="tf32x3" if P > 1 else "scan",
-        grads_order={1: "states-first", 2: "split"}.get(P, "intra-first"),
+        grads_order={1: "split", 2: "states-first"}.get(P, "intra-first"),  # "split" on mixed gates
         num_segments=P,
         bwd_chunk=min(16, chunk),
     )
@@ -250,7 +250,7 @@ def _kernel_primitives(fn, args) -> dict[str, set[str]]:
     [
         ("split", "split", 3, 7, {}),
         ("split", "split", 3, 7, {"grads_order": "states-first"}),
-        ("split", "split", 3, 8, {"grads_order": "split"}),
+        ("split", "split", 3, 9, {"grads_order": "split"}),
         ("fused", "fused", 2, 5, {}),
     ],
 )

@@ -96,6 +96,9 @@ class GpuConfig:
         grads_block_v, grads_num_warps, grads_num_stages: the split backward's gradient kernels: the value tile in
             which they stream the [K, V] states, and Triton launch parameters. One stage: the software pipeliner
             double-buffers the float32 state tiles of the value loop, which overflowed the H100's shared memory.
+        dv_block_v, dv_num_warps: the dv kernel's value tile and warps (None: grads_block_v, grads_num_warps); it
+            recomputes the decayed keys once per value tile, so wider tiles read k and the gates fewer times.
+        dqk_intra_num_warps: warps of the intra-chunk kernels of grads_order="split" (None: grads_num_warps).
         bwd_chunk, bwd_num_warps, bwd_num_stages: the chunk of both backward forms (it divides chunk) and the launch
             parameters of the fused one's kernels.
         state_dot: operand precision of the matmuls with a state: "tf32", "tf32x3", "bf16" or "ieee" (float32 exact).
@@ -128,6 +131,9 @@ class GpuConfig:
     grads_num_stages: int = 1
     grads_cumsum: str = "dot"
     grads_order: str = "intra-first"
+    dv_block_v: int | None = None
+    dv_num_warps: int | None = None
+    dqk_intra_num_warps: int | None = None
     cumsum: str = "scan"
     split_dtype: str = "float32"
     intra_num_warps: int = 4

@@ -214,6 +214,12 @@ def _intra_dqk(q, k, b, bL, R, da, nm: Numerics):
     return dqi, dki, eq, ek
 
 
+def _exact_dot(x_ref, y_ref, mode: str) -> str:
+    """The `_mm` mode for a product of two loaded inputs: "bf16" when both are bfloat16 (their products are exact
+    in the float32 accumulator, so more passes buy nothing), else `mode`."""
+    return "bf16" if x_ref.dtype == y_ref.dtype == jnp.bfloat16 else mode
+
+
 def _rev_cumsum(r, upper, cum_dot):
     """sum_{i >= t} r_i over the rows of r [BT, BK]: a float32 scan (Triton; `cum_dot` "scan"), or a 0/1 matmul
     (exact at 3-pass tf32 or float32)."""
@@ -222,24 +228,47 @@ def _rev_cumsum(r, upper, cum_dot):
     return _mm(upper, r, cum_dot)
 
 
-def _dqk_intra_kernel(q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, dqi_ref, dki_ref, *, H, BT, BK, BV, nm):
-    """`grads_order="split"`, first kernel: the intra-chunk terms of dq and dk per state, stored in float32."""
-    bh, c, ik = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+def _dqk_intra_kernel(q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, *refs, H, BT, BK, BV, nm, exact):
+    """`grads_order="split"`: the intra-chunk terms of dq and dk of one state, stored in float32. The grid's last
+    axis runs over (state, key tile): one state per program keeps its live tiles few.
+
+    exact=False: the fast tensor-core path only (every chunk; no data-dependent loop, so nothing of the exact path
+    holds registers). exact=True: the fix-up pass, run after it with the outputs aliased: programs whose key tile's
+    decay range exceeds the bound recompute their tile on the exact path and overwrite it; the others only read
+    the gates.
+    """
+    dqi_ref, dki_ref = refs[-2:]  # (the aliased inputs come first in the fix-up pass)
+    bh, c, sk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    nk = q_ref.shape[-1] // BK
+    s, ik = lax.div(sk, nk), lax.rem(sk, nk)
     b, h = lax.div(bh, H), lax.rem(bh, H)
     ts, ks = pl.ds(c * BT, BT), pl.ds(ik * BK, BK)
+    s1 = s.astype(f32)  # this program's state as a 0 / 1 blend of the two gate tiles (exact: no selects)
+    g = g1_ref[b, ts, h, ks].astype(f32) * (1.0 - s1) + g2_ref[b, ts, h, ks].astype(f32) * s1
 
     def dav(iv, da):
         vs = pl.ds(iv * BV, BV)
-        return da + _mm(do_ref[b, ts, h, vs].astype(f32), v_ref[b, ts, h, vs].astype(f32), nm.intra_dot, tb=True)
+        return da + _mm(do_ref[b, ts, h, vs], v_ref[b, ts, h, vs], _exact_dot(do_ref, v_ref, nm.intra_dot), tb=True)
 
-    da = lax.fori_loop(0, v_ref.shape[-1] // BV, dav, jnp.zeros((BT, BT), f32)) * _strict(BT)  # j < i
-    q = q_ref[b, ts, h, ks].astype(f32)
-    k = k_ref[b, ts, h, ks].astype(f32)
-    for s, g_ref in enumerate((g1_ref, g2_ref)):
-        bg, bL, R = _gate_sums(g_ref[b, ts, h, ks].astype(f32), nm.tril)
-        dqi, dki, _, _ = _intra_dqk(q, k, bg, bL, R, da, nm)
+    def chunk(_, carry):
+        da = lax.fori_loop(0, v_ref.shape[-1] // BV, dav, jnp.zeros((BT, BT), f32)) * _strict(BT)  # j < i
+        q = q_ref[b, ts, h, ks].astype(f32)
+        k = k_ref[b, ts, h, ks].astype(f32)
+        bg, bL, R = _gate_sums(g, nm.tril)
+        if exact:
+            dqi, dki, _, _ = _intra_dqk(q, k, bg, bL, R, da, nm)
+        else:  # clamped factors: finite everywhere, exact where the decay range is within the bound
+            ef, ei, _ = _fast_factors(bg, bL, 0.5 * nm.thresh)
+            dqi = ef * _mm(da, k * ei, nm.intra_dot)
+            dki = ei * _mm(da, q * ef, nm.intra_dot, ta=True)
         dqi_ref[s, bh, ts, ks] = dqi
         dki_ref[s, bh, ts, ks] = dki
+        return carry
+
+    if exact:  # a loop of 0 or 1 trips (Triton has no tensor-valued conditionals); R as `_gate_sums`, no cumsum
+        lax.fori_loop(0, _exact_trips(-jnp.min(jnp.sum(g, axis=0)), nm.thresh, 1), chunk, 0)
+    else:
+        chunk(0, 0)
 
 
 def _dqk_kernel(*refs, H, BT, BK, BV, NC, scale, nm, cum_dot, order):
@@ -263,9 +292,11 @@ def _dqk_kernel(*refs, H, BT, BK, BV, NC, scale, nm, cum_dot, order):
         def body(iv, carry):
             dqh, vds, hsum, da, dvd = carry
             vs = pl.ds(iv * BV, BV)
+            if with_da:  # (from the loaded dtype: bfloat16 products are exact)
+                da = da + _mm(
+                    do_ref[b, ts, h, vs], v_ref[b, ts, h, vs], _exact_dot(do_ref, v_ref, nm.intra_dot), tb=True
+                )
             do, v = do_ref[b, ts, h, vs].astype(f32), v_ref[b, ts, h, vs].astype(f32)
-            if with_da:
-                da = da + _mm(do, v, nm.intra_dot, tb=True)
             if with_dvd:
                 dvd = dvd + jnp.sum(do * v, axis=1)[:, None]
             if s is not None:  # the states in [BK, BV] tiles
@@ -366,17 +397,31 @@ def bwd_grads_gpu(
         )
     cum_dot = cfg.grads_cumsum if cfg.grads_cumsum != "dot" else ("ieee" if nm.intra_dot == "ieee" else "tf32x3")
     params = _compiler_params(cfg.grads_num_warps, cfg.grads_num_stages, interpret)
+    intra_params = _compiler_params(cfg.dqk_intra_num_warps or cfg.grads_num_warps, cfg.grads_num_stages, interpret)
+    dv_params = _compiler_params(cfg.dv_num_warps or cfg.grads_num_warps, cfg.grads_num_stages, interpret)
+    BVd = min(cfg.dv_block_v or BV, V)
     kw = dict(H=H, BT=BT, BK=BK, BV=BV, NC=NC, scale=scale, nm=nm)
     intra = ()
     if cfg.grads_order == "split":
+        ikw = dict(H=H, BT=BT, BK=BK, BV=BV, nm=nm)
+        grid = (B * H, N, 2 * (K // BK))  # (state, key tile) last
         intra = pl.pallas_call(
-            functools.partial(_dqk_intra_kernel, H=H, BT=BT, BK=BK, BV=BV, nm=nm),
+            functools.partial(_dqk_intra_kernel, exact=False, **ikw),
             out_shape=(jax.ShapeDtypeStruct((2, B * H, T, K), f32),) * 2,
-            grid=(B * H, N, K // BK),
-            compiler_params=params,
+            grid=grid,
+            compiler_params=intra_params,
             interpret=interpret,
             name="dsla_bwd_dqk_intra",
         )(q, k, v, do, g1, g2)
+        intra = pl.pallas_call(  # the exact path where a chunk's decay range needs it, in place
+            functools.partial(_dqk_intra_kernel, exact=True, **ikw),
+            out_shape=(jax.ShapeDtypeStruct((2, B * H, T, K), f32),) * 2,
+            grid=grid,
+            input_output_aliases={6: 0, 7: 1},
+            compiler_params=intra_params,
+            interpret=interpret,
+            name="dsla_bwd_dqk_exact",
+        )(q, k, v, do, g1, g2, *intra)
     dq, dk, dg1, dg2, dw = pl.pallas_call(
         functools.partial(_dqk_kernel, cum_dot=cum_dot, order=cfg.grads_order, **kw),
         out_shape=(
@@ -392,10 +437,10 @@ def bwd_grads_gpu(
         name="dsla_bwd_dqk",
     )(w, q, k, v, do, g1, g2, hs, dl, e, ds_end, *intra)
     dv = pl.pallas_call(
-        functools.partial(_dv_kernel, H=H, BT=BT, BK=BK, BV=BV, NC=NC, nm=nm),
+        functools.partial(_dv_kernel, H=H, BT=BT, BK=BK, BV=BVd, NC=NC, nm=nm),
         out_shape=jax.ShapeDtypeStruct((B, T, H, V), q.dtype),
-        grid=(B * H, N, V // BV),
-        compiler_params=params,
+        grid=(B * H, N, V // BVd),
+        compiler_params=dv_params,
         interpret=interpret,
         name="dsla_bwd_dv",
     )(a, k, do, g1, g2, dl, e, ds_end)
