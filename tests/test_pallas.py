@@ -248,9 +248,9 @@ def _kernel_primitives(fn, args) -> dict[str, set[str]]:
 @pytest.mark.parametrize(
     ("fwd", "bwd", "n_fwd", "n_grad", "extra"),
     [
-        ("split", "split", 3, 7, {}),
+        ("split", "split", 3, 9, {}),  # grads_order="split": intra, exact fix-up, dq / dk, dv, two state passes
         ("split", "split", 3, 7, {"grads_order": "states-first"}),
-        ("split", "split", 3, 9, {"grads_order": "split"}),
+        ("split", "split", 3, 7, {"grads_order": "intra-first"}),
         ("fused", "fused", 2, 5, {}),
     ],
 )

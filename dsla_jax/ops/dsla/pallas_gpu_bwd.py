@@ -233,24 +233,27 @@ def _dqk_intra_kernel(q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, *refs, H, BT,
     axis runs over (state, key tile): one state per program keeps its live tiles few.
 
     exact=False: the fast tensor-core path only (every chunk; no data-dependent loop, so nothing of the exact path
-    holds registers). exact=True: the fix-up pass, run after it with the outputs aliased: programs whose key tile's
-    decay range exceeds the bound recompute their tile on the exact path and overwrite it; the others only read
-    the gates.
+    holds registers); it also writes a flag per program: 1 where the key tile's decay range exceeds the bound.
+    exact=True: the fix-up pass, run after it with the outputs aliased: flagged programs recompute their tile on
+    the exact path and overwrite it; the others read their flag and stop.
     """
-    dqi_ref, dki_ref = refs[-2:]  # (the aliased inputs come first in the fix-up pass)
     bh, c, sk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     nk = q_ref.shape[-1] // BK
     s, ik = lax.div(sk, nk), lax.rem(sk, nk)
     b, h = lax.div(bh, H), lax.rem(bh, H)
     ts, ks = pl.ds(c * BT, BT), pl.ds(ik * BK, BK)
-    s1 = s.astype(f32)  # this program's state as a 0 / 1 blend of the two gate tiles (exact: no selects)
-    g = g1_ref[b, ts, h, ks].astype(f32) * (1.0 - s1) + g2_ref[b, ts, h, ks].astype(f32) * s1
+    if exact:
+        flag_ref, _, _, dqi_ref, dki_ref = refs  # (flags, the aliased inputs, the outputs)
+    else:
+        dqi_ref, dki_ref, flag_ref = refs
 
     def dav(iv, da):
         vs = pl.ds(iv * BV, BV)
         return da + _mm(do_ref[b, ts, h, vs], v_ref[b, ts, h, vs], _exact_dot(do_ref, v_ref, nm.intra_dot), tb=True)
 
     def chunk(_, carry):
+        s1 = s.astype(f32)  # this program's state as a 0 / 1 blend of the two gate tiles (exact: no selects)
+        g = g1_ref[b, ts, h, ks].astype(f32) * (1.0 - s1) + g2_ref[b, ts, h, ks].astype(f32) * s1
         da = lax.fori_loop(0, v_ref.shape[-1] // BV, dav, jnp.zeros((BT, BT), f32)) * _strict(BT)  # j < i
         q = q_ref[b, ts, h, ks].astype(f32)
         k = k_ref[b, ts, h, ks].astype(f32)
@@ -261,12 +264,13 @@ def _dqk_intra_kernel(q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, *refs, H, BT,
             ef, ei, _ = _fast_factors(bg, bL, 0.5 * nm.thresh)
             dqi = ef * _mm(da, k * ei, nm.intra_dot)
             dki = ei * _mm(da, q * ef, nm.intra_dot, ta=True)
+            flag_ref[bh, c, sk] = _exact_trips(R, nm.thresh, 1).astype(f32)
         dqi_ref[s, bh, ts, ks] = dqi
         dki_ref[s, bh, ts, ks] = dki
         return carry
 
-    if exact:  # a loop of 0 or 1 trips (Triton has no tensor-valued conditionals); R as `_gate_sums`, no cumsum
-        lax.fori_loop(0, _exact_trips(-jnp.min(jnp.sum(g, axis=0)), nm.thresh, 1), chunk, 0)
+    if exact:  # a loop of 0 or 1 trips: Triton has no tensor-valued conditionals
+        lax.fori_loop(0, flag_ref[bh, c, sk].astype(jnp.int32), chunk, 0)
     else:
         chunk(0, 0)
 
@@ -407,7 +411,7 @@ def bwd_grads_gpu(
         grid = (B * H, N, 2 * (K // BK))  # (state, key tile) last
         intra = pl.pallas_call(
             functools.partial(_dqk_intra_kernel, exact=False, **ikw),
-            out_shape=(jax.ShapeDtypeStruct((2, B * H, T, K), f32),) * 2,
+            out_shape=(jax.ShapeDtypeStruct((2, B * H, T, K), f32),) * 2 + (jax.ShapeDtypeStruct(grid, f32),),
             grid=grid,
             compiler_params=intra_params,
             interpret=interpret,
@@ -417,11 +421,11 @@ def bwd_grads_gpu(
             functools.partial(_dqk_intra_kernel, exact=True, **ikw),
             out_shape=(jax.ShapeDtypeStruct((2, B * H, T, K), f32),) * 2,
             grid=grid,
-            input_output_aliases={6: 0, 7: 1},
+            input_output_aliases={7: 0, 8: 1},
             compiler_params=intra_params,
             interpret=interpret,
             name="dsla_bwd_dqk_exact",
-        )(q, k, v, do, g1, g2, *intra)
+        )(q, k, v, do, g1, g2, intra[2], *intra[:2])
     dq, dk, dg1, dg2, dw = pl.pallas_call(
         functools.partial(_dqk_kernel, cum_dot=cum_dot, order=cfg.grads_order, **kw),
         out_shape=(
