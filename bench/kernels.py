@@ -300,7 +300,7 @@ QUICK_BWD = (
     "bwd split C64 V32 w4",
     "bwd split C64 V32 w4 intra-first",
     "bwd split C64 V32 w4 iw8",
-    "bwd split C64 V32 w4 dv64",
+    "bwd split C64 V32 w4 dv32",
     "bwd split C64 V32 w4 s2",
     "bwd split C64 V32 w4 P16",
     "bwd split C64 V32 w4 all-tf32",
@@ -411,15 +411,23 @@ def bwd_variants():
     all-tf32: single-pass tf32 instead of 3-pass for the state matmuls / every matmul (the default: single-pass for
     the state matmuls only), 3xtf32: 3-pass everywhere; cs-dot: gate cumsums by a 0/1 matmul instead of a scan."""
     split = dict(
-        chunk=64, block_v=64, bwd="split", bwd_chunk=64, grads_block_v=32, grads_num_warps=4, bwd_state_dot="tf32"
+        chunk=64,
+        block_v=64,
+        bwd="split",
+        bwd_chunk=64,
+        grads_block_v=32,
+        grads_num_warps=4,
+        bwd_state_dot="tf32",
+        dv_block_v=64,
     )
     fused = dict(chunk=64, block_v=64, bwd="fused", bwd_chunk=32, bwd_num_warps=8, bwd_state_dot=None)
     return [
         ("bwd split C64 V32 w4", split),
         ("bwd split C64 V32 w8", {**split, "grads_num_warps": 8}),
         ("bwd split C64 V32 w4 iw8", {**split, "dqk_intra_num_warps": 8}),
-        ("bwd split C64 V32 w4 dv64", {**split, "dv_block_v": 64}),
-        ("bwd split C64 V32 w4 dv64w8", {**split, "dv_block_v": 64, "dv_num_warps": 8}),
+        ("bwd split C64 V32 w4 dv32", {**split, "dv_block_v": 32}),
+        ("bwd split C64 V32 w4 dv128", {**split, "dv_block_v": 128}),
+        ("bwd split C64 V32 w4 dv64w8", {**split, "dv_num_warps": 8}),
         ("bwd split C64 V64 w4", {**split, "grads_block_v": 64}),
         ("bwd split C64 V16 w4", {**split, "grads_block_v": 16}),
         ("bwd split C32 V32 w4", {**split, "bwd_chunk": 32}),
