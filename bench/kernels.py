@@ -297,13 +297,13 @@ def decode_rows(B=64, interpret=False, sweep=False):
 
 QUICK_FWD = ("split C64 V64 w8", "split C64 V64 w8 iw4", "split C64 V64 w8 kd-bf16")
 QUICK_BWD = (
-    "bwd split C64 V32 w4",
+    "bwd split C64 V32 w8",
+    "bwd split C64 V32 w4 dot",
     "bwd split C64 V32 w4 intra-first",
-    "bwd split C64 V32 w4 iw8",
-    "bwd split C64 V32 w4 dv32",
-    "bwd split C64 V32 w4 s2",
-    "bwd split C64 V32 w4 P16",
-    "bwd split C64 V32 w4 all-tf32",
+    "bwd split C64 V32 w8 iw8",
+    "bwd split C64 V32 w8 dvw8",
+    "bwd split C64 V32 w8 s2",
+    "bwd split C64 V32 w8 all-tf32",
 )
 
 
@@ -404,45 +404,40 @@ def time_parts(prefix: str, pass_: str, parts, *, B: int, T: int, P: int) -> Non
 
 def bwd_variants():
     """Backward variants: "bwd split ..." the split backward (the default: per-chunk states, then every chunk in
-    parallel), "bwd fused ..." the older dq / dkv kernels. C: bwd_chunk, V: the gradient kernels' value tile, w: their
-    warps, iw: warps of the intra-chunk dq / dk kernel, dvN: the dv kernel's value tile (wN: its warps), rw: warps of
-    the state passes; intra-first / states-first: the dq / dk kernel's other orders (one kernel, no float32
-    intra-chunk terms; the default is "split"); scan: the gate gradient's reverse cumsum by a scan; state-tf32 /
-    all-tf32: single-pass tf32 instead of 3-pass for the state matmuls / every matmul (the default: single-pass for
-    the state matmuls only), 3xtf32: 3-pass everywhere; cs-dot: gate cumsums by a 0/1 matmul instead of a scan."""
+    parallel), "bwd fused ..." the older dq / dkv kernels. C: bwd_chunk, V: the state tile of the dq / dk kernel,
+    w: its warps, iw: warps of the intra-chunk dq / dk kernels, dvN: the dv kernel's value tile (dvw: its warps), rw:
+    warps of the state passes; intra-first / states-first: the dq / dk kernel's other orders (one kernel, no float32
+    intra-chunk terms; the default is "split"); dot: the gate gradient's reverse cumsum by a 0/1 matmul instead of a
+    scan; state-tf32 / all-tf32: single-pass tf32 instead of 3-pass for the state matmuls / every matmul (the
+    default: single-pass for the state matmuls only), 3xtf32: 3-pass everywhere; cs-dot: gate cumsums by a 0/1 matmul
+    instead of a scan."""
     split = dict(
-        chunk=64,
-        block_v=64,
-        bwd="split",
-        bwd_chunk=64,
-        grads_block_v=32,
-        grads_num_warps=4,
-        bwd_state_dot="tf32",
-        dv_block_v=64,
-    )
+        chunk=64, block_v=64, bwd="split", bwd_chunk=64, grads_block_v=32, grads_num_warps=8, grads_cumsum="scan",
+        bwd_state_dot="tf32", dv_block_v=64, dv_num_warps=4, dqk_intra_num_warps=4,
+    )  # fmt: skip
     fused = dict(chunk=64, block_v=64, bwd="fused", bwd_chunk=32, bwd_num_warps=8, bwd_state_dot=None)
     return [
-        ("bwd split C64 V32 w4", split),
-        ("bwd split C64 V32 w8", {**split, "grads_num_warps": 8}),
-        ("bwd split C64 V32 w4 iw8", {**split, "dqk_intra_num_warps": 8}),
-        ("bwd split C64 V32 w4 dv32", {**split, "dv_block_v": 32}),
-        ("bwd split C64 V32 w4 dv128", {**split, "dv_block_v": 128}),
-        ("bwd split C64 V32 w4 dv64w8", {**split, "dv_num_warps": 8}),
-        ("bwd split C64 V64 w4", {**split, "grads_block_v": 64}),
-        ("bwd split C64 V16 w4", {**split, "grads_block_v": 16}),
-        ("bwd split C32 V32 w4", {**split, "bwd_chunk": 32}),
-        ("bwd split C64 V32 w4 s2", {**split, "grads_num_stages": 2}),
-        ("bwd split C64 V32 w4 K32", {**split, "block_k": 32}),
-        ("bwd split C64 V32 w4 sK64", {**split, "states_block_k": 64}),
-        ("bwd split C64 V32 w4 P16", {**split, "num_segments": 16}),
-        ("bwd split C64 V32 w4 rw4", {**split, "rec_num_warps": 4}),
-        ("bwd split C64 V32 w4 scan", {**split, "grads_cumsum": "scan"}),
-        ("bwd split C64 V32 w8 scan", {**split, "grads_cumsum": "scan", "grads_num_warps": 8}),
-        ("bwd split C64 V32 w4 intra-first", {**split, "grads_order": "intra-first"}),
-        ("bwd split C64 V32 w4 states-first", {**split, "grads_order": "states-first"}),
-        ("bwd split C64 V32 w4 cs-dot", {**split, "cumsum": "tf32x3"}),
-        ("bwd split C64 V32 w4 3xtf32", {**split, "bwd_state_dot": "tf32x3"}),
-        ("bwd split C64 V32 w4 all-tf32", {**split, "bwd_dot": "tf32", "bwd_state_dot": "tf32"}),
+        ("bwd split C64 V32 w8", split),
+        ("bwd split C64 V32 w4", {**split, "grads_num_warps": 4}),
+        ("bwd split C64 V32 w4 dot", {**split, "grads_num_warps": 4, "grads_cumsum": "dot"}),
+        ("bwd split C64 V32 w8 dot", {**split, "grads_cumsum": "dot"}),
+        ("bwd split C64 V32 w8 iw8", {**split, "dqk_intra_num_warps": 8}),
+        ("bwd split C64 V32 w8 dv32", {**split, "dv_block_v": 32}),
+        ("bwd split C64 V32 w8 dv128", {**split, "dv_block_v": 128}),
+        ("bwd split C64 V32 w8 dvw8", {**split, "dv_num_warps": 8}),
+        ("bwd split C64 V64 w8", {**split, "grads_block_v": 64}),
+        ("bwd split C64 V16 w8", {**split, "grads_block_v": 16}),
+        ("bwd split C32 V32 w8", {**split, "bwd_chunk": 32}),
+        ("bwd split C64 V32 w8 s2", {**split, "grads_num_stages": 2}),
+        ("bwd split C64 V32 w8 K32", {**split, "block_k": 32}),
+        ("bwd split C64 V32 w8 sK64", {**split, "states_block_k": 64}),
+        ("bwd split C64 V32 w8 P16", {**split, "num_segments": 16}),
+        ("bwd split C64 V32 w8 rw4", {**split, "rec_num_warps": 4}),
+        ("bwd split C64 V32 w4 intra-first", {**split, "grads_order": "intra-first", "grads_num_warps": 4}),
+        ("bwd split C64 V32 w4 states-first", {**split, "grads_order": "states-first", "grads_num_warps": 4}),
+        ("bwd split C64 V32 w8 cs-dot", {**split, "cumsum": "tf32x3"}),
+        ("bwd split C64 V32 w8 3xtf32", {**split, "bwd_state_dot": "tf32x3"}),
+        ("bwd split C64 V32 w8 all-tf32", {**split, "bwd_dot": "tf32", "bwd_state_dot": "tf32"}),
         ("bwd fused C32 w8", fused),
     ]
 

@@ -9,8 +9,8 @@ first check of a kernel change before spending device time.
 The figures are indicative: XLA compiles the same IR with its own Triton build, whose passes may differ from the
 pip package's; on the H200 the dq / dk kernel showed the same 255 registers and heavy spills as here.
 
-    python -m pip install --target /tmp/triton --no-deps triton
-    PYTHONPATH=/tmp/triton:. python scripts/triton_resources.py grads_order=split block_k=32
+    python -m pip install --target .triton --no-deps triton
+    PYTHONPATH=.triton:. python scripts/triton_resources.py grads_order=split block_k=32
 
 Arguments are `GpuConfig` overrides (key=value); `--only NAME` keeps kernels whose name contains NAME.
 """

@@ -89,18 +89,21 @@ class GpuConfig:
         grads_order: how the dq / dk kernel is split: "split" (the default, FLA's split: a first kernel, one state
             per program, stores the intra-chunk terms of dq and dk in float32 (+0.5 GB of traffic at B1 T8192) on
             the fast path only, an exact fix-up pass redoes flagged tiles in place, and the second kernel adds the
-            state terms and forms dg; fastest on an H200: 8.6 ms forward + backward against 9.9), "intra-first"
-            (one kernel: dA once, the intra-chunk terms, then the loop over state tiles) or "states-first" (the
-            state loop first; slower: 11.7 ms).
-        grads_cumsum: how the dq / dk kernel forms the gate gradient's in-chunk reverse cumsum: "dot" (a 0/1
-            matmul at 3-pass tf32, or float32) or "scan" (sum - cumsum + r in float32).
-        grads_block_v, grads_num_warps, grads_num_stages: the split backward's gradient kernels: the value tile in
-            which they stream the [K, V] states, and Triton launch parameters. One stage: the software pipeliner
+            state terms and forms dg; 8.3 ms forward + backward on an H200 against 9.7 for "intra-first" in the
+            same run), "intra-first" (one kernel: dA once, the intra-chunk terms, then the loop over state tiles)
+            or "states-first" (the state loop first; slower still: 11.7 ms).
+        grads_cumsum: how the dq / dk kernel forms the gate gradient's in-chunk reverse cumsum: "scan" (sum - cumsum
+            + r in float32; the default: its 8-warp kernel does not spill, 7.7 ms against 7.9 ms for "dot") or
+            "dot" (a 0/1 matmul at 3-pass tf32, or float32).
+        grads_block_v, grads_num_warps, grads_num_stages: the dq / dk kernel (and by default the other gradient
+            kernels): the value tile in which it streams the [K, V] states, and Triton launch parameters (8 warps:
+            no register spills with the scan, 0.4 ms faster than 4). One stage: the software pipeliner
             double-buffers the float32 state tiles of the value loop, which overflowed the H100's shared memory.
-        dv_block_v, dv_num_warps: the dv kernel's value tile (64: 8.0 ms forward + backward on an H200 against 8.3 at
-            32) and warps (None: grads_block_v, grads_num_warps); it
-            recomputes the decayed keys once per value tile, so wider tiles read k and the gates fewer times.
-        dqk_intra_num_warps: warps of the intra-chunk kernels of grads_order="split" (None: grads_num_warps).
+        dv_block_v, dv_num_warps: the dv kernel's value tile and warps (None: grads_block_v, grads_num_warps); it
+            recomputes the decayed keys once per value tile, so wider tiles read k and the gates fewer times
+            (64 wide, 4 warps: 8.0 ms forward + backward on an H200 against 8.3 at 32 wide).
+        dqk_intra_num_warps: warps of the intra-chunk kernels of grads_order="split" (None: grads_num_warps; 4:
+            8.3 ms against 9.0 at 8).
         bwd_chunk, bwd_num_warps, bwd_num_stages: the chunk of both backward forms (it divides chunk) and the launch
             parameters of the fused one's kernels.
         state_dot: operand precision of the matmuls with a state: "tf32", "tf32x3", "bf16" or "ieee" (float32 exact).
@@ -129,13 +132,13 @@ class GpuConfig:
     block_k: int = 64
     states_block_k: int | None = None
     grads_block_v: int = 32
-    grads_num_warps: int = 4
+    grads_num_warps: int = 8
     grads_num_stages: int = 1
-    grads_cumsum: str = "dot"
+    grads_cumsum: str = "scan"
     grads_order: str = "split"
     dv_block_v: int | None = 64
-    dv_num_warps: int | None = None
-    dqk_intra_num_warps: int | None = None
+    dv_num_warps: int | None = 4
+    dqk_intra_num_warps: int | None = 4
     cumsum: str = "scan"
     split_dtype: str = "float32"
     intra_num_warps: int = 4
