@@ -170,6 +170,7 @@ def test_gpu_kernels_interpret(case):
         grads_cumsum="scan" if P > 1 else "dot",
         cumsum="tf32x3" if P > 1 else "scan",
         grads_order={1: "split", 2: "states-first"}.get(P, "intra-first"),  # "split" on mixed gates
+        save_states=P != 3,  # the forward's stored chunk states, or the backward's state pass
         num_segments=P,
         bwd_chunk=min(16, chunk),
     )
@@ -248,9 +249,10 @@ def _kernel_primitives(fn, args) -> dict[str, set[str]]:
 @pytest.mark.parametrize(
     ("fwd", "bwd", "n_fwd", "n_grad", "extra"),
     [
-        ("split", "split", 3, 9, {}),  # grads_order="split": intra, exact fix-up, dq / dk, dv, two state passes
-        ("split", "split", 3, 7, {"grads_order": "states-first"}),
-        ("split", "split", 3, 7, {"grads_order": "intra-first"}),
+        ("split", "split", 3, 8, {}),  # intra, exact fix-up, dq / dk, dv, adjoint pass; the forward saves the states
+        ("split", "split", 3, 9, {"save_states": False}),  # + the backward's state pass
+        ("split", "split", 3, 6, {"grads_order": "states-first"}),
+        ("split", "split", 3, 6, {"grads_order": "intra-first"}),
         ("fused", "fused", 2, 5, {}),
     ],
 )

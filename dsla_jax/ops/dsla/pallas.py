@@ -78,10 +78,11 @@ def _chain(h0, s_loc, decay):
     return jnp.stack(s_in, axis=1)
 
 
-def _gpu_fwd(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret):
-    """Forward on the padded, head-expanded problem. h0: [B * H, 2, K, V]. Returns (o, s_T, s_in, A), A the mixed
-    intra-chunk scores the split backward's dv kernel reads (None where the forward is fused or its chunk is not the
-    backward's: the backward then computes them).
+def _gpu_fwd(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret, for_grad=False):
+    """Forward on the padded, head-expanded problem. h0: [B * H, 2, K, V]. Returns (o, s_T, s_in, saved): saved is
+    None, or (A, hs) for the split backward when for_grad: A the mixed intra-chunk scores its dv kernel reads, hs
+    the states entering every chunk (None unless `cfg.save_states`); None where the forward is fused or its chunk
+    is not the backward's: the backward then computes them.
 
     cfg.fwd == "split": `fwd_intra_gpu` (every chunk in parallel) -> segment summaries from its kd, exp(bL) ->
     `fwd_rec_gpu` (loads and matmuls per chunk). "fused": `seg_states_gpu` -> `fwd_gpu` (all per-chunk work in the
@@ -97,13 +98,10 @@ def _gpu_fwd(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret):
             s_in = _chain(h0, s_loc, dec[:, :, 0])
         else:
             s_in = h0.reshape(BH, 1, *h0.shape[1:])
-        o, s_T = kg.fwd_rec_gpu(qd, kd, ebl, v, oi, s_in, cfg=cfg, P=P, interpret=interpret)
-        return (
-            o.astype(q.dtype),
-            s_T[:, P - 1],
-            s_in,
-            (a if cfg.bwd == "split" and cfg.bwd_chunk == cfg.chunk else None),
-        )
+        keep = for_grad and cfg.bwd == "split" and cfg.bwd_chunk == cfg.chunk
+        save = keep and cfg.save_states
+        o, s_T, *hs = kg.fwd_rec_gpu(qd, kd, ebl, v, oi, s_in, cfg=cfg, P=P, interpret=interpret, save_states=save)
+        return o.astype(q.dtype), s_T[:, P - 1], s_in, ((a, hs[0] if save else None) if keep else None)
     if cfg.fwd != "fused":
         raise ValueError(f"GpuConfig.fwd must be 'split' or 'fused', got {cfg.fwd!r}")
     if P > 1:
@@ -137,13 +135,15 @@ def _gpu_bwd_split(res, do, ds_T, *, scale, cfg, P, interpret):
     from dsla_jax.ops.dsla import pallas_gpu as kg
     from dsla_jax.ops.dsla import pallas_gpu_bwd as kb
 
-    q, k, v, g1, g2, w, s_in, _, a = res
+    q, k, v, g1, g2, w, s_in, _, saved = res
+    a, hs = saved if saved is not None else (None, None)
     if a is None:  # the scores at the backward's chunk size
         a = kg.fwd_intra_gpu(
             q, k, v, g1, g2, w, scale=scale, cfg=replace(cfg, chunk=cfg.bwd_chunk), interpret=interpret
         )[-1]
     kw = dict(scale=scale, cfg=cfg, P=P, interpret=interpret)
-    hs, _ = kb.chunk_states_gpu(w, k, v, g1, g2, s_in, reverse=False, **kw)
+    if hs is None:  # the states entering every chunk, unless the forward stored them
+        hs, _ = kb.chunk_states_gpu(w, k, v, g1, g2, s_in, reverse=False, **kw)
     dl, e, send, dend = kb.chunk_states_gpu(w, q, do, g1, g2, None, reverse=True, **kw)
     ds_end, dh0 = kb.chain_adjoints(ds_T, send, dend[:, :, 0])
     dq, dk, dv, dg1, dg2, dw = kb.bwd_grads_gpu(w, q, k, v, do, g1, g2, hs, dl, e, ds_end, a, **kw)
@@ -205,9 +205,9 @@ def _finish_grads(q, k, v, do, w, dq_s, dk_s, dv_s, c, s_T, ds_T, *, scale, chun
 def _core(backend: str, scale: float, cfg, P: int, interpret):
     """The differentiable kernel call for one static configuration: (q, k, v, g1, g2, w, h0) -> (o, s_T)."""
 
-    def fwd_impl(q, k, v, g1, g2, w, h0):
+    def fwd_impl(q, k, v, g1, g2, w, h0, for_grad=False):
         if backend == "gpu":
-            return _gpu_fwd(q, k, v, g1, g2, w, h0, scale=scale, cfg=cfg, P=P, interpret=interpret)
+            return _gpu_fwd(q, k, v, g1, g2, w, h0, scale=scale, cfg=cfg, P=P, interpret=interpret, for_grad=for_grad)
         from dsla_jax.ops.dsla import pallas_tpu as kt
 
         o, s_T = kt.fwd_tpu(q, k, v, g1, g2, w, h0, scale=scale, cfg=cfg, interpret=interpret)
@@ -219,8 +219,8 @@ def _core(backend: str, scale: float, cfg, P: int, interpret):
         return o, s_T
 
     def core_fwd(q, k, v, g1, g2, w, h0):
-        o, s_T, s_in, a = fwd_impl(q, k, v, g1, g2, w, h0)
-        return (o, s_T), (q, k, v, g1, g2, w, s_in, s_T, a)
+        o, s_T, s_in, saved = fwd_impl(q, k, v, g1, g2, w, h0, for_grad=True)
+        return (o, s_T), (q, k, v, g1, g2, w, s_in, s_T, saved)
 
     def core_bwd(res, cts):
         do, ds_T = cts

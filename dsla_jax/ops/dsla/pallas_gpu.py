@@ -104,6 +104,11 @@ class GpuConfig:
             (64 wide, 4 warps: 8.0 ms forward + backward on an H200 against 8.3 at 32 wide).
         dqk_intra_num_warps: warps of the intra-chunk kernels of grads_order="split" (None: grads_num_warps; 4:
             8.3 ms against 9.0 at 8).
+        save_states: under differentiation, the split forward's recurrent kernel stores the state entering every
+            chunk (float32, 8 K V bytes per chunk and head: 0.54 GB at B1 T8192 H32 D128, 16x the other
+            residuals) and the split backward reads them instead of recomputing them in its state pass; False
+            recomputes them (FLA's choice; for long sequences where residual memory is the limit). Only when the
+            backward's chunk is the forward's.
         bwd_chunk, bwd_num_warps, bwd_num_stages: the chunk of both backward forms (it divides chunk) and the launch
             parameters of the fused one's kernels.
         state_dot: operand precision of the matmuls with a state: "tf32", "tf32x3", "bf16" or "ieee" (float32 exact).
@@ -139,6 +144,7 @@ class GpuConfig:
     dv_block_v: int | None = 64
     dv_num_warps: int | None = 4
     dqk_intra_num_warps: int | None = 4
+    save_states: bool = True
     cumsum: str = "scan"
     split_dtype: str = "float32"
     intra_num_warps: int = 4
@@ -607,7 +613,7 @@ def fwd_intra_gpu(q, k, v, g1, g2, w, *, scale: float, cfg: GpuConfig, interpret
     )(w, q, k, v, g1, g2)
 
 
-def _rec_kernel(qd_ref, kd_ref, ebl_ref, v_ref, oi_ref, sin_ref, o_ref, sout_ref, *, H, BT, BV, NC, sd):
+def _rec_kernel(qd_ref, kd_ref, ebl_ref, v_ref, oi_ref, sin_ref, o_ref, sout_ref, *hs_ref, H, BT, BV, NC, sd):
     iv, bh, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)  # value tiles adjacent: L2 reuse
     b, h = lax.div(bh, H), lax.rem(bh, H)  # non-negative: no floor-division selects
     vs = pl.ds(iv * BV, BV)
@@ -616,6 +622,9 @@ def _rec_kernel(qd_ref, kd_ref, ebl_ref, v_ref, oi_ref, sin_ref, o_ref, sout_ref
         s1, s2 = carry
         c = p * NC + n
         ts = pl.ds(c * BT, BT)
+        if hs_ref:  # the states entering every chunk, for the backward (`GpuConfig.save_states`)
+            hs_ref[0][0, bh, c, :, vs] = s1
+            hs_ref[0][1, bh, c, :, vs] = s2
         v = v_ref[b, ts, h, vs].astype(f32)  # [BT, BV]
         o = oi_ref[bh, ts, vs] + _mm(qd_ref[0, bh, ts, :], s1, sd) + _mm(qd_ref[1, bh, ts, :], s2, sd)
         o_ref[b, ts, h, vs] = o.astype(o_ref.dtype)
@@ -628,24 +637,29 @@ def _rec_kernel(qd_ref, kd_ref, ebl_ref, v_ref, oi_ref, sin_ref, o_ref, sout_ref
     sout_ref[bh, p, 1, :, vs] = s2
 
 
-def fwd_rec_gpu(qd, kd, ebl, v, oi, s_in, *, cfg: GpuConfig, P: int, interpret=False):
+def fwd_rec_gpu(qd, kd, ebl, v, oi, s_in, *, cfg: GpuConfig, P: int, interpret=False, save_states: bool = False):
     """The state recurrence of the split forward: per chunk o = o_intra + qd_1 S_1 + qd_2 S_2 and
     S_s <- diag(exp(bL_s)) S_s + kd_s^T v, from the states entering each segment (all segments in parallel).
 
     Args:
         qd, kd, ebl, oi: `fwd_intra_gpu`'s outputs; v: [B, T, H, V]; s_in: [B * H, P, 2, K, V] float32.
+        save_states: also return the states entering every chunk [2, B * H, N, K, V] float32 (what the split
+            backward's state pass would recompute; 4 K V bytes per state and chunk).
 
     Returns:
-        o [B, T, H, V] in v's dtype and each segment's final states [B * H, P, 2, K, V] float32.
+        o [B, T, H, V] in v's dtype, each segment's final states [B * H, P, 2, K, V] float32 (and the chunk states).
     """
     B, T, H, V = v.shape
     K = qd.shape[-1]
     BT, BV = cfg.chunk, min(cfg.block_v, V)
     NC = T // (P * BT)
     kernel = functools.partial(_rec_kernel, H=H, BT=BT, BV=BV, NC=NC, sd=cfg.state_dot)
+    out_shape = (jax.ShapeDtypeStruct((B, T, H, V), v.dtype), jax.ShapeDtypeStruct((B * H, P, 2, K, V), f32))
+    if save_states:
+        out_shape += (jax.ShapeDtypeStruct((2, B * H, T // BT, K, V), f32),)
     return pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct((B, T, H, V), v.dtype), jax.ShapeDtypeStruct((B * H, P, 2, K, V), f32)),
+        out_shape=out_shape,
         grid=(V // BV, B * H, P),
         compiler_params=_compiler_params(cfg.rec_num_warps, cfg.rec_num_stages, interpret),
         interpret=interpret,

@@ -237,7 +237,7 @@ def _dqk_intra_kernel(q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, *refs, H, BT,
     exact=True: the fix-up pass, run after it with the outputs aliased: flagged programs recompute their tile on
     the exact path and overwrite it; the others read their flag and stop.
     """
-    bh, c, sk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    sk, bh, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)  # a chunk's tiles adjacent: L2 reuse
     nk = q_ref.shape[-1] // BK
     s, ik = lax.div(sk, nk), lax.rem(sk, nk)
     b, h = lax.div(bh, H), lax.rem(bh, H)
@@ -264,13 +264,13 @@ def _dqk_intra_kernel(q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, *refs, H, BT,
             ef, ei, _ = _fast_factors(bg, bL, 0.5 * nm.thresh)
             dqi = ef * _mm(da, k * ei, nm.intra_dot)
             dki = ei * _mm(da, q * ef, nm.intra_dot, ta=True)
-            flag_ref[bh, c, sk] = _exact_trips(R, nm.thresh, 1).astype(f32)
+            flag_ref[sk, bh, c] = _exact_trips(R, nm.thresh, 1).astype(f32)
         dqi_ref[s, bh, ts, ks] = dqi
         dki_ref[s, bh, ts, ks] = dki
         return carry
 
     if exact:  # a loop of 0 or 1 trips: Triton has no tensor-valued conditionals
-        lax.fori_loop(0, flag_ref[bh, c, sk].astype(jnp.int32), chunk, 0)
+        lax.fori_loop(0, flag_ref[sk, bh, c].astype(jnp.int32), chunk, 0)
     else:
         chunk(0, 0)
 
@@ -282,7 +282,7 @@ def _dqk_kernel(*refs, H, BT, BK, BV, NC, scale, nm, cum_dot, order):
     else:
         (w_ref, q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, hs_ref, dl_ref, e_ref, dend_ref,
          dq_ref, dk_ref, dg1_ref, dg2_ref, dw_ref) = refs  # fmt: skip
-    bh, c, ik = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    ik, bh, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)  # a chunk's key tiles adjacent: L2 reuse
     b, h = lax.div(bh, H), lax.rem(bh, H)  # non-negative: no floor-division selects
     p = lax.div(c, NC)
     ts, ks = pl.ds(c * BT, BT), pl.ds(ik * BK, BK)
@@ -351,7 +351,7 @@ def _dqk_kernel(*refs, H, BT, BK, BV, NC, scale, nm, cum_dot, order):
 
 
 def _dv_kernel(a_ref, k_ref, do_ref, g1_ref, g2_ref, dl_ref, e_ref, dend_ref, dv_ref, *, H, BT, BK, BV, NC, nm):
-    bh, c, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    iv, bh, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)  # a chunk's value tiles adjacent: L2 reuse
     b, h = lax.div(bh, H), lax.rem(bh, H)
     p = lax.div(c, NC)
     ts, vs = pl.ds(c * BT, BT), pl.ds(iv * BV, BV)
@@ -408,7 +408,7 @@ def bwd_grads_gpu(
     intra = ()
     if cfg.grads_order == "split":
         ikw = dict(H=H, BT=BT, BK=BK, BV=BV, nm=nm)
-        grid = (B * H, N, 2 * (K // BK))  # (state, key tile) last
+        grid = (2 * (K // BK), B * H, N)  # (state, key tile) fastest: the programs of a chunk share do, v, q, k
         intra = pl.pallas_call(
             functools.partial(_dqk_intra_kernel, exact=False, **ikw),
             out_shape=(jax.ShapeDtypeStruct((2, B * H, T, K), f32),) * 2 + (jax.ShapeDtypeStruct(grid, f32),),
@@ -435,7 +435,7 @@ def bwd_grads_gpu(
             jax.ShapeDtypeStruct((B, T, H, K), g1.dtype),
             jax.ShapeDtypeStruct((2, B * H, N, K), f32),
         ),
-        grid=(B * H, N, K // BK),
+        grid=(K // BK, B * H, N),
         compiler_params=params,
         interpret=interpret,
         name="dsla_bwd_dqk",
@@ -443,7 +443,7 @@ def bwd_grads_gpu(
     dv = pl.pallas_call(
         functools.partial(_dv_kernel, H=H, BT=BT, BK=BK, BV=BVd, NC=NC, nm=nm),
         out_shape=jax.ShapeDtypeStruct((B, T, H, V), q.dtype),
-        grid=(B * H, N, V // BVd),
+        grid=(V // BVd, B * H, N),
         compiler_params=dv_params,
         interpret=interpret,
         name="dsla_bwd_dv",
