@@ -302,7 +302,7 @@ QUICK_BWD = (
     "bwd split C64 V32 w4 intra-first",
     "bwd split C64 V32 w8 iw8",
     "bwd split C64 V32 w8 dvw8",
-    "bwd split C64 V32 w8 s2",
+    "bwd split C64 V32 w8 save",
     "bwd split C64 V32 w8 all-tf32",
 )
 
@@ -406,11 +406,11 @@ def bwd_variants():
     """Backward variants: "bwd split ..." the split backward (the default: per-chunk states, then every chunk in
     parallel), "bwd fused ..." the older dq / dkv kernels. C: bwd_chunk, V: the state tile of the dq / dk kernel,
     w: its warps, iw: warps of the intra-chunk dq / dk kernels, dvN: the dv kernel's value tile (dvw: its warps), rw:
-    warps of the state passes; intra-first / states-first: the dq / dk kernel's other orders (one kernel, no float32
-    intra-chunk terms; the default is "split"); dot: the gate gradient's reverse cumsum by a 0/1 matmul instead of a
-    scan; state-tf32 / all-tf32: single-pass tf32 instead of 3-pass for the state matmuls / every matmul (the
-    default: single-pass for the state matmuls only), 3xtf32: 3-pass everywhere; cs-dot: gate cumsums by a 0/1 matmul
-    instead of a scan."""
+    warps of the state passes; save: the forward stores the chunk states (`save_states`); intra-first /
+    states-first: the dq / dk kernel's other orders (one kernel, no float32 intra-chunk terms; the default is
+    "split"); dot: the gate gradient's reverse cumsum by a 0/1 matmul instead of a scan; state-tf32 / all-tf32:
+    single-pass tf32 instead of 3-pass for the state matmuls / every matmul (the default: single-pass for the state
+    matmuls only), 3xtf32: 3-pass everywhere; cs-dot: gate cumsums by a 0/1 matmul instead of a scan."""
     split = dict(
         chunk=64, block_v=64, bwd="split", bwd_chunk=64, grads_block_v=32, grads_num_warps=8, grads_cumsum="scan",
         bwd_state_dot="tf32", dv_block_v=64, dv_num_warps=4, dqk_intra_num_warps=4,
@@ -432,6 +432,7 @@ def bwd_variants():
         ("bwd split C64 V32 w8 K32", {**split, "block_k": 32}),
         ("bwd split C64 V32 w8 sK64", {**split, "states_block_k": 64}),
         ("bwd split C64 V32 w8 P16", {**split, "num_segments": 16}),
+        ("bwd split C64 V32 w8 save", {**split, "save_states": True}),
         ("bwd split C64 V32 w8 rw4", {**split, "rec_num_warps": 4}),
         ("bwd split C64 V32 w4 intra-first", {**split, "grads_order": "intra-first", "grads_num_warps": 4}),
         ("bwd split C64 V32 w4 states-first", {**split, "grads_order": "states-first", "grads_num_warps": 4}),

@@ -249,10 +249,10 @@ def _kernel_primitives(fn, args) -> dict[str, set[str]]:
 @pytest.mark.parametrize(
     ("fwd", "bwd", "n_fwd", "n_grad", "extra"),
     [
-        ("split", "split", 3, 8, {}),  # intra, exact fix-up, dq / dk, dv, adjoint pass; the forward saves the states
-        ("split", "split", 3, 9, {"save_states": False}),  # + the backward's state pass
-        ("split", "split", 3, 6, {"grads_order": "states-first"}),
-        ("split", "split", 3, 6, {"grads_order": "intra-first"}),
+        ("split", "split", 3, 9, {}),  # intra, exact fix-up, dq / dk, dv, the state and adjoint passes
+        ("split", "split", 3, 8, {"save_states": True}),  # the forward's stored states replace the state pass
+        ("split", "split", 3, 7, {"grads_order": "states-first"}),
+        ("split", "split", 3, 7, {"grads_order": "intra-first"}),
         ("fused", "fused", 2, 5, {}),
     ],
 )
