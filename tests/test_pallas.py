@@ -171,6 +171,7 @@ def test_gpu_kernels_interpret(case):
         cumsum="tf32x3" if P > 1 else "scan",
         grads_order={1: "split", 2: "states-first"}.get(P, "intra-first"),  # "split" on mixed gates
         save_states=P != 3,  # the forward's stored chunk states, or the backward's state pass
+        fwd_fixup=P != 2,  # the forward's exact path in a fix-up pass, or inline
         num_segments=P,
         bwd_chunk=min(16, chunk),
     )
@@ -249,10 +250,11 @@ def _kernel_primitives(fn, args) -> dict[str, set[str]]:
 @pytest.mark.parametrize(
     ("fwd", "bwd", "n_fwd", "n_grad", "extra"),
     [
-        ("split", "split", 3, 9, {}),  # intra, exact fix-up, dq / dk, dv, the state and adjoint passes
-        ("split", "split", 3, 8, {"save_states": True}),  # the forward's stored states replace the state pass
-        ("split", "split", 3, 7, {"grads_order": "states-first"}),
-        ("split", "split", 3, 7, {"grads_order": "intra-first"}),
+        ("split", "split", 4, 10, {}),  # intra, exact fix-up, dq / dk, dv, the state and adjoint passes
+        ("split", "split", 3, 9, {"fwd_fixup": False}),  # the forward's exact path inline
+        ("split", "split", 4, 9, {"save_states": True}),  # the forward's stored states replace the state pass
+        ("split", "split", 4, 8, {"grads_order": "states-first"}),
+        ("split", "split", 4, 8, {"grads_order": "intra-first"}),
         ("fused", "fused", 2, 5, {}),
     ],
 )

@@ -104,6 +104,9 @@ class GpuConfig:
             (64 wide, 4 warps: 8.0 ms forward + backward on an H200 against 8.3 at 32 wide).
         dqk_intra_num_warps: warps of the intra-chunk kernels of grads_order="split" (None: grads_num_warps; 4:
             8.3 ms against 9.0 at 8).
+        fwd_fixup: the split forward's intra-chunk kernel runs the fast path only and a fix-up pass redoes the
+            chunks past the decay bound in place (the exact path's loops out of the hot kernel's registers);
+            False: both paths in one kernel.
         save_states: under differentiation, the split forward's recurrent kernel stores the state entering every
             chunk (float32, 8 K V bytes per chunk and head: 0.54 GB at B1 T8192 H32 D128, 16x the other
             residuals) and the split backward reads them instead of recomputing them in its state pass. Off by
@@ -145,6 +148,7 @@ class GpuConfig:
     dv_num_warps: int | None = 4
     dqk_intra_num_warps: int | None = 4
     save_states: bool = False
+    fwd_fixup: bool = True
     cumsum: str = "scan"
     split_dtype: str = "float32"
     intra_num_warps: int = 4
@@ -289,14 +293,17 @@ def _decays(b, bL, ef, ei, em, trips):
     return lax.fori_loop(0, trips, exact, (ef * em[None, :], ei * em[None, :]))
 
 
-def _fwd_terms(q, k, g, nm: Numerics):
-    """Per chunk and state: (q * exp(b), k * exp(bL - b), A masked to j <= i, bL)."""
+def _fwd_terms(q, k, g, nm: Numerics, fast_only: bool = False):
+    """Per chunk and state: (q * exp(b), k * exp(bL - b), A masked to j <= i, bL, trips). fast_only: the tensor-core
+    path alone (no data-dependent loops; wrong where trips == 1, which the caller then redoes)."""
     BT = q.shape[0]
     b, bL, R = _gate_sums(g, nm.tril)
     ef, ei, em = _fast_factors(b, bL, 0.5 * nm.thresh)
     qf, kf = q * ef, k * ei
     a = _mm(qf, kf, nm.intra_dot, tb=True)  # fast path: exact for R <= thresh
     trips = _exact_trips(R, nm.thresh, 1)
+    if fast_only:
+        return qf * em[None, :], kf * em[None, :], a * _causal(BT), bL, trips
     eq, ek = _decays(b, bL, ef, ei, em, trips)
 
     def col(j, a):  # exact path: column j of A, every exponent <= 0
@@ -304,7 +311,7 @@ def _fwd_terms(q, k, g, nm: Numerics):
         return _put(a, _onehot((BT, BT), 1, j), c[:, None])
 
     a = lax.fori_loop(0, trips * BT, col, a)
-    return q * eq, k * ek, a * _causal(BT), bL
+    return q * eq, k * ek, a * _causal(BT), bL, trips
 
 
 def fwd_chunk(q, k, v, g1, g2, w1, w2, s1, s2, *, scale: float, nm: Numerics):
@@ -316,8 +323,8 @@ def fwd_chunk(q, k, v, g1, g2, w1, w2, s1, s2, *, scale: float, nm: Numerics):
     Returns:
         o [BT, BV] float32 and the two states after the chunk.
     """
-    qd1, kd1, a1, bL1 = _fwd_terms(q, k, g1, nm)
-    qd2, kd2, a2, bL2 = _fwd_terms(q, k, g2, nm)
+    qd1, kd1, a1, bL1, _ = _fwd_terms(q, k, g1, nm)
+    qd2, kd2, a2, bL2, _ = _fwd_terms(q, k, g2, nm)
     o = _mm(qd1 * w1, s1, nm.state_dot) + _mm(qd2 * w2, s2, nm.state_dot)
     o = o + _mm(a1 * w1 + a2 * w2, v, nm.intra_dot)
     s1 = jnp.exp(bL1)[:, None] * s1 + _mm(kd1, v, nm.state_dot, ta=True)
@@ -548,29 +555,45 @@ def seg_states_gpu(
 SPLIT_DTYPES = {"float32": (f32, f32), "bfloat16": (jnp.bfloat16, jnp.bfloat16), "kd-bfloat16": (f32, jnp.bfloat16)}
 
 
-def _intra_kernel(
-    w_ref, q_ref, k_ref, v_ref, g1_ref, g2_ref, qd_ref, kd_ref, ebl_ref, oi_ref, a_ref, *, H, BT, BK, scale, nm
-):
+def _intra_kernel(w_ref, q_ref, k_ref, v_ref, g1_ref, g2_ref, *refs, H, BT, BK, scale, nm, mode):
+    """mode "inline": both paths in one kernel (the exact one a loop of 0 or 1 trips per key tile and state);
+    "fast": the fast path only, plus a flag per chunk (1 where any key tile of either state exceeds the decay
+    bound); "fixup": flagged chunks redo everything inline, in place (outputs aliased), the rest read their flag."""
+    if mode == "fixup":
+        flag_ref, *refs = refs
+        refs = refs[len(refs) // 2 :]  # (the aliased inputs, then the outputs)
+    qd_ref, kd_ref, ebl_ref, oi_ref, a_ref, *out_flag = refs
     bh, n = pl.program_id(0), pl.program_id(1)
     b, h = lax.div(bh, H), lax.rem(bh, H)  # non-negative: no floor-division selects
     ts = pl.ds(n * BT, BT)
     w1, w2 = w_ref[0] * scale, w_ref[1] * scale
 
-    def ktile(ik, a):  # one key tile: its decayed q / k stored at once, its share of the mixed scores summed
+    def ktile(ik, carry):  # one key tile: its decayed q / k stored at once, its share of the mixed scores summed
+        a, flag = carry
         ks = pl.ds(ik * BK, BK)
         q = q_ref[b, ts, h, ks].astype(f32)  # [BT, BK]
         k = k_ref[b, ts, h, ks].astype(f32)
         for s, (g_ref, w) in enumerate(((g1_ref, w1), (g2_ref, w2))):
-            qd, kd, a_s, bL = _fwd_terms(q, k, g_ref[b, ts, h, ks].astype(f32), nm)
+            qd, kd, a_s, bL, trips = _fwd_terms(q, k, g_ref[b, ts, h, ks].astype(f32), nm, mode == "fast")
             qd_ref[s, bh, ts, ks] = (qd * w).astype(qd_ref.dtype)
             kd_ref[s, bh, ts, ks] = kd.astype(kd_ref.dtype)
             ebl_ref[s, bh, n, ks] = jnp.exp(bL)
             a = a + a_s * w
-        return a
+            flag = jnp.maximum(flag, trips.astype(f32))
+        return a, flag
 
-    a = lax.fori_loop(0, q_ref.shape[-1] // BK, ktile, jnp.zeros((BT, BT), f32))
-    a_ref[bh, ts, :] = a  # for the backward's dv (`pallas_gpu_bwd`)
-    oi_ref[bh, ts, :] = _mm(a, v_ref[b, ts, h, :].astype(f32), nm.intra_dot)  # [BT, V]
+    def chunk(_, carry):
+        a, flag = lax.fori_loop(0, q_ref.shape[-1] // BK, ktile, (jnp.zeros((BT, BT), f32), jnp.float32(0.0)))
+        a_ref[bh, ts, :] = a  # for the backward's dv (`pallas_gpu_bwd`)
+        oi_ref[bh, ts, :] = _mm(a, v_ref[b, ts, h, :].astype(f32), nm.intra_dot)  # [BT, V]
+        if out_flag:
+            out_flag[0][bh, n] = flag
+        return carry
+
+    if mode == "fixup":  # a loop of 0 or 1 trips: Triton has no tensor-valued conditionals
+        lax.fori_loop(0, flag_ref[bh, n].astype(jnp.int32), chunk, 0)
+    else:
+        chunk(0, 0)
 
 
 def fwd_intra_gpu(q, k, v, g1, g2, w, *, scale: float, cfg: GpuConfig, interpret=False):
@@ -596,21 +619,41 @@ def fwd_intra_gpu(q, k, v, g1, g2, w, *, scale: float, cfg: GpuConfig, interpret
     BT = cfg.chunk
     N = T // BT
     qdt, kdt = SPLIT_DTYPES[cfg.split_dtype]
-    kernel = functools.partial(_intra_kernel, H=H, BT=BT, BK=min(cfg.block_k, K), scale=scale, nm=_numerics(cfg))
-    return pl.pallas_call(
-        kernel,
-        out_shape=(
-            jax.ShapeDtypeStruct((2, B * H, T, K), qdt),
-            jax.ShapeDtypeStruct((2, B * H, T, K), kdt),
-            jax.ShapeDtypeStruct((2, B * H, N, K), f32),
-            jax.ShapeDtypeStruct((B * H, T, V), f32),
-            jax.ShapeDtypeStruct((B * H, T, BT), f32),
-        ),
+    kw = dict(H=H, BT=BT, BK=min(cfg.block_k, K), scale=scale, nm=_numerics(cfg))
+    out_shape = (
+        jax.ShapeDtypeStruct((2, B * H, T, K), qdt),
+        jax.ShapeDtypeStruct((2, B * H, T, K), kdt),
+        jax.ShapeDtypeStruct((2, B * H, N, K), f32),
+        jax.ShapeDtypeStruct((B * H, T, V), f32),
+        jax.ShapeDtypeStruct((B * H, T, BT), f32),
+    )
+    params = _compiler_params(cfg.intra_num_warps, cfg.intra_num_stages, interpret)
+    if not cfg.fwd_fixup:
+        return pl.pallas_call(
+            functools.partial(_intra_kernel, mode="inline", **kw),
+            out_shape=out_shape,
+            grid=(B * H, N),
+            compiler_params=params,
+            interpret=interpret,
+            name="dsla_fwd_intra",
+        )(w, q, k, v, g1, g2)
+    *outs, flags = pl.pallas_call(
+        functools.partial(_intra_kernel, mode="fast", **kw),
+        out_shape=out_shape + (jax.ShapeDtypeStruct((B * H, N), f32),),
         grid=(B * H, N),
-        compiler_params=_compiler_params(cfg.intra_num_warps, cfg.intra_num_stages, interpret),
+        compiler_params=params,
         interpret=interpret,
         name="dsla_fwd_intra",
     )(w, q, k, v, g1, g2)
+    return pl.pallas_call(  # the exact path where a chunk's decay range needs it, in place
+        functools.partial(_intra_kernel, mode="fixup", **kw),
+        out_shape=out_shape,
+        grid=(B * H, N),
+        input_output_aliases={7 + i: i for i in range(5)},
+        compiler_params=params,
+        interpret=interpret,
+        name="dsla_fwd_exact",
+    )(w, q, k, v, g1, g2, flags, *outs)
 
 
 def _rec_kernel(qd_ref, kd_ref, ebl_ref, v_ref, oi_ref, sin_ref, o_ref, sout_ref, *hs_ref, H, BT, BV, NC, sd):
