@@ -20,13 +20,16 @@ every chunk in parallel, both states in one program, and write the final gradien
       dw_s    = sum_t q_t . dq_s,t
 
   and writes dq = sum_s w_s dq_s, dk = sum_s dk_s, dg_s, one key tile per program; the states are streamed in
-  [block_k, BV] tiles (a loop over value tiles), never held whole. `GpuConfig.grads_order` sets the order of its
-  work per state (the intra-chunk terms first, the measured default; the state loop first; or the intra-chunk
-  terms from a separate kernel that stores them in float32, FLA's split), trading register pressure against
-  traffic. The i = j terms of dq and dk (sc (do_i . v_i) k_i and ws (do_i . v_i) q_i)
-  carry no decay and cancel exactly in w_s q * dq_s - k * dk_s: they are left out of that sum and added to dq, dk
-  directly (the same gate gradient as `pallas._finish_grads` for the older kernels). sum_V H_{c+1} * D_c, the exact
-  gate gradient at the next chunk's first token, is exp(bL) sum_V H_c * D_c + sum_j kd_j * (v_j D_c^T).
+  [block_k, BV] tiles (a loop over value tiles), never held whole. `GpuConfig.grads_order` sets how the work is
+  split. The default, "split" (FLA's structure): `_dqk_intra_kernel` stores the intra-chunk terms (the sums over
+  j <= i above) per state in float32 on the fast path only, flagging tiles whose decay range exceeds the bound; a
+  fix-up launch of the same kernel redoes the flagged tiles on the exact path in place; then `_dqk_kernel` adds the
+  state terms and forms dg. "intra-first" and "states-first" do it all in one kernel (no float32 intermediates,
+  but more live tiles and register spills: slower on the card). The i = j terms of dq and dk (sc (do_i . v_i) k_i
+  and ws (do_i . v_i) q_i) carry no decay and cancel exactly in w_s q * dq_s - k * dk_s: they are left out of
+  that sum and added to dq, dk directly (the same gate gradient as `pallas._finish_grads` for the older kernels).
+  sum_V H_{c+1} * D_c, the exact gate gradient at the next chunk's first token, is exp(bL) sum_V H_c * D_c
+  + sum_j kd_j * (v_j D_c^T).
 * `bwd_grads_gpu`'s dv kernel, per chunk and value tile: dv_j = sum_s (k_j * exp(bL - b_j)) D_c
   + sum_{i >= j} A_ij do_i, the state term summed over key tiles, A = scale sum_s w_s A_s the mixed scores the
   forward's intra-chunk kernel stored (a [T, chunk] float32 residual per head: the backward recomputes no scores
@@ -229,8 +232,9 @@ def _rev_cumsum(r, upper, cum_dot):
 
 
 def _dqk_intra_kernel(q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, *refs, H, BT, BK, BV, nm, exact):
-    """`grads_order="split"`: the intra-chunk terms of dq and dk of one state, stored in float32. The grid's last
-    axis runs over (state, key tile): one state per program keeps its live tiles few.
+    """`grads_order="split"`: the intra-chunk terms of dq and dk of one state, stored in float32. The grid's first
+    (fastest) axis runs over (state, key tile): one state per program keeps its live tiles few, and a chunk's
+    programs run together, sharing its do, v, q, k in L2.
 
     exact=False: the fast tensor-core path only (every chunk; no data-dependent loop, so nothing of the exact path
     holds registers); it also writes a flag per program: 1 where the key tile's decay range exceeds the bound.
