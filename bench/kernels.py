@@ -295,7 +295,7 @@ def decode_rows(B=64, interpret=False, sweep=False):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-QUICK_FWD = ("split C64 V64 w8", "split C64 V64 w8 iw4", "split C64 V64 w8 kd-bf16")
+QUICK_FWD = ("split C64 V64 w8", "split C64 V64 w8 iw4", "split C64 V64 w8 iw4 K32", "split C64 V64 w8 kd-bf16")
 QUICK_BWD = (
     "bwd split C64 V32 w8",
     "bwd split C64 V32 w4 dot",
@@ -303,6 +303,8 @@ QUICK_BWD = (
     "bwd split C64 V32 w8 iw8",
     "bwd split C64 V32 w8 dvw8",
     "bwd split C64 V32 w8 save",
+    "bwd split C64 V32 w8 K32",
+    "bwd split C64 V32 w4 K32",
     "bwd split C64 V32 w8 all-tf32",
 )
 
@@ -352,6 +354,7 @@ def sweep_variants():
         ("split C32 V64 w8 s3", dict(chunk=32, rec_num_stages=3)),
         ("split C32 V128 w8 s2", dict(chunk=32, block_v=128, rec_num_stages=2)),
         ("split C64 V64 w8 iw4", dict(intra_num_warps=4)),
+        ("split C64 V64 w8 iw4 K32", dict(intra_num_warps=4, block_k=32)),
         ("split C64 V64 w8 P4", dict(num_segments=4)),
         ("split C64 V64 w8 P16", dict(num_segments=16)),
         ("split C64 V64 w8 bf16-store s2", dict(split_dtype="bfloat16", rec_num_stages=2)),
@@ -430,6 +433,7 @@ def bwd_variants():
         ("bwd split C32 V32 w8", {**split, "bwd_chunk": 32}),
         ("bwd split C64 V32 w8 s2", {**split, "grads_num_stages": 2}),
         ("bwd split C64 V32 w8 K32", {**split, "block_k": 32}),
+        ("bwd split C64 V32 w4 K32", {**split, "block_k": 32, "grads_num_warps": 4}),
         ("bwd split C64 V32 w8 sK64", {**split, "states_block_k": 64}),
         ("bwd split C64 V32 w8 P16", {**split, "num_segments": 16}),
         ("bwd split C64 V32 w8 save", {**split, "save_states": True}),
