@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The kernel issue's measurements on one GPU, in two device calls of under 10 minutes each (`PART=1`, then `PART=2`
-# issued at once so the machine stays warm): GPU correctness tests, a quick variant sweep, then the benchmark table
-# at the five shapes with flash-linear-attention beside the project's kernels, and FLA's forward+backward (its
-# backward kernels autotune for minutes on first use, so it runs last, in its own process).
+# The kernel issue's measurements on one GPU, in three device calls of under 10 minutes each (`PART=1`, `PART=2`,
+# `PART=3`, issued back to back so the machine stays warm): GPU correctness tests and a quick variant sweep; the
+# benchmark table at the five shapes with flash-linear-attention beside the project's kernels (the two long shapes
+# with the sweep's pick); FLA's forward+backward (its backward kernels autotune for minutes on first use, so it runs
+# last, in its own process).
 #
 # Runs on the GPU machine's own Python / JAX (no venv). FLA is optional: carry its wheels in .whl/
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -28,10 +29,14 @@ table() {  # table <shapes> <timeout> [extra args]
 }
 if [ "$PART" = 1 ]; then
   timeout 170 python3 -m pytest -m gpu tests/test_pallas.py -q -rf 2>&1 | tail -12 | tee "$OUT/gpu_tests.txt"
-  timeout 170 python3 -m bench.kernels --sweep --quick --sweep-budget 120 --out "$OUT/sweep.json" 2>&1 \
+  timeout 330 python3 -m bench.kernels --sweep --quick --sweep-budget 280 --out "$OUT/sweep.json" 2>&1 \
     | tee "$OUT/sweep.log" | grep "^|"
-  table B1T8192,B1T32768 230
+elif [ "$PART" = 2 ]; then
+  # The sweep's pick where PART=1's sweep.json is at hand (SWEEP=path; each device call starts with an empty $OUT).
+  SWEEP=${SWEEP:-$OUT/sweep.json}
+  if [ -f "$SWEEP" ]; then pick=(--config-from "$SWEEP"); else pick=(); fi
+  table B1T8192,B1T32768 300 ${pick[@]+"${pick[@]}"}
+  table B4T8192,B1T2048,B8T2048 240
 else
-  table B4T8192,B1T2048,B8T2048 300
-  table B1T8192 240 --fla-bwd --no-xla
+  table B1T8192 300 --fla-bwd --no-xla
 fi
