@@ -20,7 +20,8 @@ def test_capture_lists_every_kernel_with_its_launch_parameters():
     cfg = GpuConfig(dqk_intra_num_warps=2, grads_num_warps=8, dv_num_warps=4, rec_num_warps=8)
     kernels = {name: (text, warps, stages) for name, text, warps, stages in _module().capture(cfg)}
     assert set(kernels) == {
-        "dsla_fwd_intra", "dsla_seg_states_split", "dsla_fwd_rec", "dsla_bwd_states", "dsla_bwd_adjoints",
+        "dsla_fwd_intra", "dsla_fwd_exact", "dsla_seg_states_split", "dsla_fwd_rec", "dsla_bwd_states",
+        "dsla_bwd_adjoints",
         "dsla_bwd_dqk_intra", "dsla_bwd_dqk_exact", "dsla_bwd_dqk", "dsla_bwd_dv",
     }  # fmt: skip
     assert kernels["dsla_bwd_dqk_intra"][1:] == (2, 1)
