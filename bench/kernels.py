@@ -305,6 +305,7 @@ QUICK_BWD = (
     "bwd split C64 V32 w8 save",
     "bwd split C64 V32 w8 K32",
     "bwd split C64 V32 w4 K32",
+    "bwd split C64 V32 w8 sK32 rw4",
     "bwd split C64 V32 w8 all-tf32",
 )
 
@@ -438,6 +439,7 @@ def bwd_variants():
         ("bwd split C64 V32 w8 P16", {**split, "num_segments": 16}),
         ("bwd split C64 V32 w8 save", {**split, "save_states": True}),
         ("bwd split C64 V32 w8 rw4", {**split, "rec_num_warps": 4}),
+        ("bwd split C64 V32 w8 sK32 rw4", {**split, "states_block_k": 32, "rec_num_warps": 4}),
         ("bwd split C64 V32 w4 intra-first", {**split, "grads_order": "intra-first", "grads_num_warps": 4}),
         ("bwd split C64 V32 w4 states-first", {**split, "grads_order": "states-first", "grads_num_warps": 4}),
         ("bwd split C64 V32 w8 cs-dot", {**split, "cumsum": "tf32x3"}),
