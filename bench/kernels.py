@@ -539,6 +539,12 @@ def run_sweep(interpret: bool, budget_s: float, quick: bool = False, only: str |
         decode_rows(sweep=True)
 
 
+# GpuConfig fields only the backward reads: a backward pick carries them into the config (block_k, rec_num_warps and
+# num_segments also set the forward's kernels, so the forward pick keeps those).
+BWD_KEY_PREFIXES = ("grads_", "dv_", "dqk_")
+BWD_KEYS = ("bwd", "bwd_num_warps", "bwd_state_dot", "save_states", "states_block_k")
+
+
 def config_from_sweep(path: str):
     """The fastest accurate forward variant of a sweep JSON, with the fastest backward variant's backward tiles."""
     from dsla_jax.ops.dsla.pallas_gpu import GpuConfig
@@ -565,9 +571,7 @@ def config_from_sweep(path: str):
     kw = dict(fwd[min(ok_f, key=lambda r: r["ms"])["impl"][7:]])
     if ok_b:
         bk = bwd[min(ok_b, key=lambda r: r["ms"])["impl"][7:]]
-        kw.update(
-            {k: v for k, v in bk.items() if k.startswith(("grads_", "dv_", "dqk_")) or k in ("bwd", "bwd_num_warps")}
-        )
+        kw.update({k: v for k, v in bk.items() if k.startswith(BWD_KEY_PREFIXES) or k in BWD_KEYS})
         if bk.get("cumsum") and kw.get("cumsum") != bk["cumsum"]:  # one cumsum for both passes: the backward's wins
             kw["cumsum"] = bk["cumsum"]
         kw.update(bwd_chunk=min(bk["bwd_chunk"], kw["chunk"]))

@@ -50,3 +50,23 @@ def test_quick_sweep_runs_and_picks_a_config(tmp_path):
 
     cfg = config_from_sweep(str(tmp_path / "rows.json"))
     assert cfg is not None and cfg.fwd == "split" and cfg.bwd == "split"
+
+
+def test_config_from_sweep_carries_the_backward_picks_own_fields(tmp_path):
+    """A backward pick that differs from the default only in a backward-only field (here `save_states`,
+    `states_block_k`) brings that field into the config; the forward's fields come from the forward pick."""
+    sys.path.insert(0, str(REPO))
+    from bench.kernels import config_from_sweep
+
+    rows = [
+        {"impl": "pallas split C64 V64 w8 iw4", "pass_": "fwd", "ms": 1.0, "err_vs_xla": 1e-3},
+        {"impl": "pallas bwd split C64 V32 w8", "pass_": "fwd+bwd", "ms": 8.0},
+        {"impl": "pallas bwd split C64 V32 w8 save", "pass_": "fwd+bwd", "ms": 7.0},
+    ]
+    (tmp_path / "rows.json").write_text(json.dumps({"rows": rows}))
+    cfg = config_from_sweep(str(tmp_path / "rows.json"))
+    assert cfg.save_states and cfg.intra_num_warps == 4
+    rows[2] = {"impl": "pallas bwd split C64 V32 w8 sK32 rw4", "pass_": "fwd+bwd", "ms": 7.0}
+    (tmp_path / "rows.json").write_text(json.dumps({"rows": rows}))
+    cfg = config_from_sweep(str(tmp_path / "rows.json"))
+    assert cfg.states_block_k == 32 and not cfg.save_states and cfg.rec_num_warps == 8  # rec warps: the forward's
