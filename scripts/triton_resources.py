@@ -97,7 +97,11 @@ def main(argv: list[str]) -> None:
         if a == "--only":
             only = next(it)
             continue
-        key, val = a.split("=", 1)
+        key, eq, val = a.partition("=")
+        if not eq or key not in GpuConfig.__dataclass_fields__:
+            raise SystemExit(
+                f"expected GpuConfig overrides as key=value (keys: {sorted(GpuConfig.__dataclass_fields__)}), got {a!r}"
+            )
         kw[key] = int(val) if val.isdigit() else val
     cfg = GpuConfig(**kw)
     print(f"GpuConfig overrides: {kw or 'none'}")
