@@ -91,19 +91,34 @@ def _gpu_fwd(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret, for_grad=False
     from dsla_jax.ops.dsla import pallas_gpu as kg
 
     BH = h0.shape[0]
+    keep = for_grad and cfg.bwd == "split" and cfg.bwd_chunk == cfg.chunk  # the backward reads the scores
     if cfg.fwd == "split":
-        qd, kd, ebl, oi, a = kg.fwd_intra_gpu(q, k, v, g1, g2, w, scale=scale, cfg=cfg, interpret=interpret)
+        qd, kd, ebl, oi, *a = kg.fwd_intra_gpu(
+            q, k, v, g1, g2, w, scale=scale, cfg=cfg, interpret=interpret, scores=keep
+        )
         if P > 1:
             s_loc, dec = kg.seg_states_split_gpu(kd, ebl, v, P=P, count=P - 1, cfg=cfg, interpret=interpret)
             s_in = _chain(h0, s_loc, dec[:, :, 0])
         else:
             s_in = h0.reshape(BH, 1, *h0.shape[1:])
-        keep = for_grad and cfg.bwd == "split" and cfg.bwd_chunk == cfg.chunk
         save = keep and cfg.save_states
         o, s_T, *hs = kg.fwd_rec_gpu(qd, kd, ebl, v, oi, s_in, cfg=cfg, P=P, interpret=interpret, save_states=save)
-        return o.astype(q.dtype), s_T[:, P - 1], s_in, ((a, hs[0] if save else None) if keep else None)
+        return o.astype(q.dtype), s_T[:, P - 1], s_in, ((a[0], hs[0] if save else None) if keep else None)
+    if cfg.fwd == "onepass":
+        from dsla_jax.ops.dsla import pallas_gpu_onepass as ko
+
+        if P > 1:
+            s_loc, dec = ko.seg_states_onepass_gpu(k, v, g1, g2, P=P, count=P - 1, cfg=cfg, interpret=interpret)
+            s_in = _chain(h0, s_loc, dec[:, :, 0])
+        else:
+            s_in = h0.reshape(BH, 1, *h0.shape[1:])
+        oi, *a = kg.fwd_intra_gpu(
+            q, k, v, g1, g2, w, scale=scale, cfg=cfg, interpret=interpret, decayed=False, scores=keep
+        )
+        o, s_T = ko.fwd_onepass_gpu(q, k, v, g1, g2, w, oi, s_in, scale=scale, cfg=cfg, P=P, interpret=interpret)
+        return o, s_T[:, P - 1], s_in, ((a[0], None) if keep else None)
     if cfg.fwd != "fused":
-        raise ValueError(f"GpuConfig.fwd must be 'split' or 'fused', got {cfg.fwd!r}")
+        raise ValueError(f"GpuConfig.fwd must be 'split', 'onepass' or 'fused', got {cfg.fwd!r}")
     if P > 1:
         s_loc, dec = kg.seg_states_gpu(k, v, g1, g2, P=P, first=0, count=P - 1, cfg=cfg, interpret=interpret)
         s_in = _chain(h0, s_loc, jnp.exp(dec[:, :, 0]))
@@ -347,7 +362,7 @@ def dsla_attention_pallas(
         cfg = _gpu_config(chunk_size, config, q.dtype)
         BT = cfg.chunk
         n_chunks = math.ceil(T / BT)
-        P = cfg.num_segments or pick_segments(B * H, n_chunks, V // min(cfg.block_v, V))
+        P = cfg.num_segments or pick_segments(B * H, n_chunks, V // min(cfg.fwd_block_v, V))
         P = max(1, min(P, n_chunks))
         T_pad = P * math.ceil(n_chunks / P) * BT
     else:

@@ -70,7 +70,13 @@ class GpuConfig:
         num_segments: P, sequence segments run in parallel (None: chosen from B * H, see `pick_segments`).
         num_warps, num_stages: Triton launch parameters of the fused forward kernels.
         fwd: "split" (a parallel intra-chunk kernel, then a recurrent kernel of loads and matmuls only; see
-            `fwd_split_gpu`) or "fused" (one sequential kernel does all per-chunk work; `fwd_gpu`).
+            `fwd_split_gpu`), "onepass" (a segment pass, then one sequential kernel per value tile and segment that
+            reads the inputs once, key-tiled states in registers; `pallas_gpu_onepass`) or "fused" (the v3/v4
+            sequential kernel with whole-K states; `fwd_gpu`).
+        onepass_block_k, onepass_block_v, onepass_num_warps, onepass_num_stages: the one-pass kernels' key and value
+            tiles (2 K / BK state tiles of [BK, BV] float32 per program) and Triton launch parameters.
+        onepass_cumsum: the one-pass kernels' gate cumsum: "scan" or "bf16" (a 0/1 matmul on bfloat16 tensor
+            cores: exact for bfloat16 gates; float32 gates take the scan).
         split_dtype: storage of the split form's decayed queries and keys: "float32" (both), "bfloat16" (both) or
             "kd-bfloat16" (keys only: they feed the states; the queries feed the outputs directly).
         intra_num_warps, intra_num_stages: Triton launch parameters of the split form's intra-chunk kernel.
@@ -155,6 +161,16 @@ class GpuConfig:
     intra_num_stages: int = 1
     rec_num_warps: int = 8
     rec_num_stages: int = 1
+    onepass_block_k: int = 32
+    onepass_block_v: int = 64
+    onepass_num_warps: int = 8
+    onepass_num_stages: int = 1
+    onepass_cumsum: str = "scan"
+
+    @property
+    def fwd_block_v(self) -> int:
+        """The value tile of the forward's sequential kernels (what sets the programs per segment)."""
+        return self.onepass_block_v if self.fwd == "onepass" else self.block_v
 
 
 def pick_segments(batch_heads: int, num_chunks: int, v_tiles: int, target_programs: int = 264) -> int:
@@ -555,14 +571,19 @@ def seg_states_gpu(
 SPLIT_DTYPES = {"float32": (f32, f32), "bfloat16": (jnp.bfloat16, jnp.bfloat16), "kd-bfloat16": (f32, jnp.bfloat16)}
 
 
-def _intra_kernel(w_ref, q_ref, k_ref, v_ref, g1_ref, g2_ref, *refs, H, BT, BK, scale, nm, mode):
+def _intra_kernel(w_ref, q_ref, k_ref, v_ref, g1_ref, g2_ref, *refs, H, BT, BK, scale, nm, mode, decayed, scores):
     """mode "inline": both paths in one kernel (the exact one a loop of 0 or 1 trips per key tile and state);
     "fast": the fast path only, plus a flag per chunk (1 where any key tile of either state exceeds the decay
-    bound); "fixup": flagged chunks redo everything inline, in place (outputs aliased), the rest read their flag."""
+    bound); "fixup": flagged chunks redo everything inline, in place (outputs aliased), the rest read their flag.
+    Outputs: (qd, kd, ebl if decayed), o_intra, (A if scores), (flag if mode "fast")."""
     if mode == "fixup":
         flag_ref, *refs = refs
         refs = refs[len(refs) // 2 :]  # (the aliased inputs, then the outputs)
-    qd_ref, kd_ref, ebl_ref, oi_ref, a_ref, *out_flag = refs
+    qd_ref, kd_ref, ebl_ref = refs[:3] if decayed else (None, None, None)
+    refs = refs[3:] if decayed else refs
+    oi_ref, *refs = refs
+    a_ref = refs.pop(0) if scores else None
+    out_flag = refs
     bh, n = pl.program_id(0), pl.program_id(1)
     b, h = lax.div(bh, H), lax.rem(bh, H)  # non-negative: no floor-division selects
     ts = pl.ds(n * BT, BT)
@@ -575,16 +596,18 @@ def _intra_kernel(w_ref, q_ref, k_ref, v_ref, g1_ref, g2_ref, *refs, H, BT, BK, 
         k = k_ref[b, ts, h, ks].astype(f32)
         for s, (g_ref, w) in enumerate(((g1_ref, w1), (g2_ref, w2))):
             qd, kd, a_s, bL, trips = _fwd_terms(q, k, g_ref[b, ts, h, ks].astype(f32), nm, mode == "fast")
-            qd_ref[s, bh, ts, ks] = (qd * w).astype(qd_ref.dtype)
-            kd_ref[s, bh, ts, ks] = kd.astype(kd_ref.dtype)
-            ebl_ref[s, bh, n, ks] = jnp.exp(bL)
+            if decayed:
+                qd_ref[s, bh, ts, ks] = (qd * w).astype(qd_ref.dtype)
+                kd_ref[s, bh, ts, ks] = kd.astype(kd_ref.dtype)
+                ebl_ref[s, bh, n, ks] = jnp.exp(bL)
             a = a + a_s * w
             flag = jnp.maximum(flag, trips.astype(f32))
         return a, flag
 
     def chunk(_, carry):
         a, flag = lax.fori_loop(0, q_ref.shape[-1] // BK, ktile, (jnp.zeros((BT, BT), f32), jnp.float32(0.0)))
-        a_ref[bh, ts, :] = a  # for the backward's dv (`pallas_gpu_bwd`)
+        if scores:
+            a_ref[bh, ts, :] = a  # for the backward's dv (`pallas_gpu_bwd`)
         oi_ref[bh, ts, :] = _mm(a, v_ref[b, ts, h, :].astype(f32), nm.intra_dot)  # [BT, V]
         if out_flag:
             out_flag[0][bh, n] = flag
@@ -596,7 +619,9 @@ def _intra_kernel(w_ref, q_ref, k_ref, v_ref, g1_ref, g2_ref, *refs, H, BT, BK, 
         chunk(0, 0)
 
 
-def fwd_intra_gpu(q, k, v, g1, g2, w, *, scale: float, cfg: GpuConfig, interpret=False):
+def fwd_intra_gpu(
+    q, k, v, g1, g2, w, *, scale: float, cfg: GpuConfig, interpret=False, decayed: bool = True, scores: bool = True
+):
     """Everything of the forward that does not depend on the carried states, for every chunk in parallel.
 
     Per chunk and state s (b its chunk-local inclusive gate cumsum, bL the last row): the intra-chunk scores by the
@@ -615,14 +640,15 @@ def fwd_intra_gpu(q, k, v, g1, g2, w, *, scale: float, cfg: GpuConfig, interpret
         `cfg.split_dtype`), ebl [2, B * H, N, K] = exp(bL_s), o_intra [B * H, T, V] = scale * sum_s w_s A_s v and
         the mixed scores themselves, A [B * H, T, chunk] = scale * sum_s w_s A_s (row i of a chunk, masked to
         j <= i; float32, a residual for the backward), N = T / chunk. Heads-major: the recurrent kernel reads
-        contiguous [BT, *] blocks.
+        contiguous [BT, *] blocks. Without `decayed` the first three are left out (the one-pass forward,
+        `pallas_gpu_onepass`, recomputes them), without `scores` A.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     BT = cfg.chunk
     N = T // BT
     qdt, kdt = SPLIT_DTYPES[cfg.split_dtype]
-    kw = dict(H=H, BT=BT, BK=min(cfg.block_k, K), scale=scale, nm=_numerics(cfg))
+    kw = dict(H=H, BT=BT, BK=min(cfg.block_k, K), scale=scale, nm=_numerics(cfg), decayed=decayed, scores=scores)
     out_shape = (
         jax.ShapeDtypeStruct((2, B * H, T, K), qdt),
         jax.ShapeDtypeStruct((2, B * H, T, K), kdt),
@@ -630,6 +656,7 @@ def fwd_intra_gpu(q, k, v, g1, g2, w, *, scale: float, cfg: GpuConfig, interpret
         jax.ShapeDtypeStruct((B * H, T, V), f32),
         jax.ShapeDtypeStruct((B * H, T, BT), f32),
     )
+    out_shape = (out_shape[:3] if decayed else ()) + out_shape[3:4] + (out_shape[4:] if scores else ())
     params = _compiler_params(cfg.intra_num_warps, cfg.intra_num_stages, interpret)
     if not cfg.fwd_fixup:
         return pl.pallas_call(
@@ -652,7 +679,7 @@ def fwd_intra_gpu(q, k, v, g1, g2, w, *, scale: float, cfg: GpuConfig, interpret
         functools.partial(_intra_kernel, mode="fixup", **kw),
         out_shape=out_shape,
         grid=(B * H, N),
-        input_output_aliases={7 + i: i for i in range(5)},
+        input_output_aliases={7 + i: i for i in range(len(out_shape))},
         compiler_params=params,
         interpret=interpret,
         name="dsla_fwd_exact",
