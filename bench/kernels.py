@@ -295,7 +295,13 @@ def decode_rows(B=64, interpret=False, sweep=False):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-QUICK_FWD = ("split C64 V64 w8", "split C64 V64 w8 iw4", "split C64 V64 w8 iw4 K32", "split C64 V64 w8 kd-bf16")
+QUICK_FWD = (
+    "split C64 V64 w8",
+    "split C64 V64 w8 iw4",
+    "split C64 V64 w8 iw4 K32",
+    "split C64 V64 w4 iw4 K32",
+    "split C64 V64 w8 kd-bf16",
+)
 QUICK_BWD = (
     "bwd split C64 V32 w8",
     "bwd split C64 V32 w4 dot",
@@ -306,6 +312,7 @@ QUICK_BWD = (
     "bwd split C64 V32 w8 K32",
     "bwd split C64 V32 w4 K32",
     "bwd split C64 V32 w8 sK32 rw4",
+    "bwd split C64 V32 w8 sK32 sw4",
     "bwd split C64 V32 w8 all-tf32",
 )
 
@@ -337,6 +344,7 @@ def sweep_variants():
         rec_num_stages=1,
         intra_num_warps=8,
         block_k=64,
+        intra_block_k=None,
         split_dtype="float32",
         state_dot="tf32",
         intra_dot="tf32",
@@ -362,8 +370,15 @@ def sweep_variants():
         ("split C64 V128 w8 bf16-store s2", dict(split_dtype="bfloat16", block_v=128, rec_num_stages=2)),
         ("split C64 V64 w8 kd-bf16", dict(split_dtype="kd-bfloat16")),
         ("split C64 V64 w8 kd-bf16 s2", dict(split_dtype="kd-bfloat16", rec_num_stages=2)),
+        ("split C64 V64 w4 iw4 K32", dict(intra_num_warps=4, block_k=32, rec_num_warps=4)),
     ]:
         out.append((label, {**split, **upd}))
+    # v8, measured slower (3.4 ms against 1.6 at B1 T8192 on an H200): the sequential kernel recomputes the decays
+    for label, upd in [
+        ("onepass C64 V64 w8 K32", dict(fwd="onepass")),
+        ("onepass C64 V64 w8 K64", dict(fwd="onepass", onepass_block_k=64)),
+    ]:
+        out.append((label, {**split, "intra_num_warps": 4, "intra_block_k": 32, **upd}))
     return out
 
 
@@ -414,10 +429,12 @@ def bwd_variants():
     states-first: the dq / dk kernel's other orders (one kernel, no float32 intra-chunk terms; the default is
     "split"); dot: the gate gradient's reverse cumsum by a 0/1 matmul instead of a scan; state-tf32 / all-tf32:
     single-pass tf32 instead of 3-pass for the state matmuls / every matmul (the default: single-pass for the state
-    matmuls only), 3xtf32: 3-pass everywhere; cs-dot: gate cumsums by a 0/1 matmul instead of a scan."""
+    matmuls only), 3xtf32: 3-pass everywhere; cs-dot: gate cumsums by a 0/1 matmul instead of a scan; sK32: 32-key
+    tiles in the state passes, sw4: 4 warps there (rw4 also sets the forward's recurrent kernels)."""
     split = dict(
         chunk=64, block_v=64, bwd="split", bwd_chunk=64, grads_block_v=32, grads_num_warps=8, grads_cumsum="scan",
-        bwd_state_dot="tf32", dv_block_v=64, dv_num_warps=4, dqk_intra_num_warps=4,
+        bwd_state_dot="tf32", dv_block_v=64, dv_num_warps=4, dqk_intra_num_warps=4, states_block_k=None,
+        states_num_warps=None,
     )  # fmt: skip
     fused = dict(chunk=64, block_v=64, bwd="fused", bwd_chunk=32, bwd_num_warps=8, bwd_state_dot=None)
     return [
@@ -440,6 +457,7 @@ def bwd_variants():
         ("bwd split C64 V32 w8 save", {**split, "save_states": True}),
         ("bwd split C64 V32 w8 rw4", {**split, "rec_num_warps": 4}),
         ("bwd split C64 V32 w8 sK32 rw4", {**split, "states_block_k": 32, "rec_num_warps": 4}),
+        ("bwd split C64 V32 w8 sK32 sw4", {**split, "states_block_k": 32, "states_num_warps": 4}),
         ("bwd split C64 V32 w4 intra-first", {**split, "grads_order": "intra-first", "grads_num_warps": 4}),
         ("bwd split C64 V32 w4 states-first", {**split, "grads_order": "states-first", "grads_num_warps": 4}),
         ("bwd split C64 V32 w8 cs-dot", {**split, "cumsum": "tf32x3"}),
@@ -542,7 +560,7 @@ def run_sweep(interpret: bool, budget_s: float, quick: bool = False, only: str |
 # GpuConfig fields only the backward reads: a backward pick carries them into the config (block_k, rec_num_warps and
 # num_segments also set the forward's kernels, so the forward pick keeps those).
 BWD_KEY_PREFIXES = ("grads_", "dv_", "dqk_")
-BWD_KEYS = ("bwd", "bwd_num_warps", "bwd_state_dot", "save_states", "states_block_k")
+BWD_KEYS = ("bwd", "bwd_num_warps", "bwd_state_dot", "save_states", "states_block_k", "states_num_warps")
 
 
 def config_from_sweep(path: str):

@@ -88,8 +88,12 @@ class GpuConfig:
             time, one state per program; `bwd_dq_gpu`, `bwd_dkv_gpu`).
         block_k: key tile of the kernels whose work is separate per key channel (the forward's intra-chunk kernel,
             the split backward's state passes and dq / dk kernel) or summed over it (the dv kernel).
-        states_block_k: key tile of the split backward's two state passes (None: all of K; at 64 they spilled more
-            and ran 45% slower on an H200).
+        intra_block_k: key tile of the forward's intra-chunk kernel (None: block_k); 32 by default (its stack 320 ->
+            56 bytes by `scripts/triton_resources.py`; forward 1.61 -> 1.56 ms at B1 T8192 on an H200).
+        states_block_k, states_num_warps: key tile and warps of the split backward's two state passes (None: all of
+            K / rec_num_warps). 32 keys at 4 warps by default: four times the programs, no spills, forward +
+            backward 7.37 -> 7.10 ms on an H200 (whole K at 8 warps before; 64 keys at 8 warps spilled more and ran
+            45% slower).
         cumsum: how every GPU kernel forms the in-chunk gate cumsums: "scan" (Triton's associative scan) or a 0/1
             matmul at "tf32x3" (float32-accurate on tensor cores) or "ieee".
         grads_order: how the dq / dk kernel is split: "split" (the default, FLA's split: a first kernel, one state
@@ -144,7 +148,9 @@ class GpuConfig:
     fwd: str = "split"
     bwd: str = "split"
     block_k: int = 64
-    states_block_k: int | None = None
+    intra_block_k: int | None = 32
+    states_block_k: int | None = 32
+    states_num_warps: int | None = 4
     grads_block_v: int = 32
     grads_num_warps: int = 8
     grads_num_stages: int = 1
@@ -626,7 +632,7 @@ def fwd_intra_gpu(
 
     Per chunk and state s (b its chunk-local inclusive gate cumsum, bL the last row): the intra-chunk scores by the
     fast / exact paths of `_fwd_terms` (the same numerics as the fused kernel), mixed and applied to v. A loop over
-    key tiles (`block_k`; each takes its own path) keeps the live tiles small: with whole [BT, K] tiles the kernel
+    key tiles (`intra_block_k`; each takes its own path) keeps the live tiles small: with whole [BT, K] tiles the kernel
     used 255 registers and spilled 2.9 GB per call at B1 T8192 on an H200. With `cfg.fwd_fixup` (the default) the
     kernel runs the fast path alone and flags chunks whose decay range exceeds the bound in any key tile; a second
     launch ("dsla_fwd_exact", outputs aliased) redoes only the flagged chunks with both paths, so the exact path's
@@ -648,7 +654,8 @@ def fwd_intra_gpu(
     BT = cfg.chunk
     N = T // BT
     qdt, kdt = SPLIT_DTYPES[cfg.split_dtype]
-    kw = dict(H=H, BT=BT, BK=min(cfg.block_k, K), scale=scale, nm=_numerics(cfg), decayed=decayed, scores=scores)
+    BK = min(cfg.intra_block_k or cfg.block_k, K)
+    kw = dict(H=H, BT=BT, BK=BK, scale=scale, nm=_numerics(cfg), decayed=decayed, scores=scores)
     out_shape = (
         jax.ShapeDtypeStruct((2, B * H, T, K), qdt),
         jax.ShapeDtypeStruct((2, B * H, T, K), kdt),

@@ -174,7 +174,7 @@ def chunk_states_gpu(w, x, y, g1, g2, s0, *, scale: float, cfg: GpuConfig, P: in
         kernel,
         out_shape=out_shape,
         grid=(nv, K // BK, B * H, P),
-        compiler_params=_compiler_params(cfg.rec_num_warps, cfg.rec_num_stages, interpret),
+        compiler_params=_compiler_params(cfg.states_num_warps or cfg.rec_num_warps, cfg.rec_num_stages, interpret),
         interpret=interpret,
         name="dsla_bwd_adjoints" if reverse else "dsla_bwd_states",
     )(*args)
