@@ -197,24 +197,54 @@ SPLIT_CASES = [
 
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=[case_id(*c) for c in SPLIT_CASES])
 def test_split_and_fused_forward_agree(case):
-    """Both GPU forward forms (`GpuConfig.fwd`) against the oracle and each other; bfloat16 storage of the split
-    form's decayed q / k runs (2e-3 .. 2.2e-3 for bfloat16 inputs, at or past the error bar: sweep variants only)."""
+    """The GPU forward forms (`GpuConfig.fwd`: split, fused, onepass) against the oracle and each other; bfloat16
+    storage of the split form's decayed q / k runs (2e-3 .. 2.2e-3 for bfloat16 inputs, at or past the error bar:
+    sweep variants only)."""
     B, T, H, Hk, K, V, dtype, gates, chunk, P = case
     args = make_inputs(T + 2, B, T, H, Hk, K, V, dtype, gates)
     tol = TOL[jnp.dtype(dtype).name]
     dot = "ieee" if dtype == jnp.float32 else "tf32"
     kw = dict(chunk=chunk, block_v=min(32, V), num_segments=P, state_dot=dot, intra_dot=dot)
     outs = {}
-    for fwd, sdt in (("split", "float32"), ("fused", "float32"), ("split", "bfloat16"), ("split", "kd-bfloat16")):
-        fn = pallas_fn("gpu", chunk, GpuConfig(fwd=fwd, split_dtype=sdt, **kw))
+    forms = (("split", "float32"), ("fused", "float32"), ("onepass", "float32"), ("split", "bfloat16"))
+    for fwd, sdt in forms + (("split", "kd-bfloat16"),):
+        tiles = dict(onepass_block_k=16, onepass_block_v=16) if fwd == "onepass" else {}
+        fn = pallas_fn("gpu", chunk, GpuConfig(fwd=fwd, split_dtype=sdt, **tiles, **kw))
         outs[fwd, sdt] = jax.jit(fn)(*args)
     ref = oracle(*args)
     for name, i in (("o", 0), ("S1", 1), ("S2", 2)):
         assert_close(f"split {name}", ref[i], outs["split", "float32"][i], tol)
         assert_close(f"fused {name}", ref[i], outs["fused", "float32"][i], tol)
+        assert_close(f"onepass {name}", ref[i], outs["onepass", "float32"][i], tol)
         assert_close(f"split vs fused {name}", outs["fused", "float32"][i], outs["split", "float32"][i], tol / 2)
+        assert_close(f"split vs onepass {name}", outs["onepass", "float32"][i], outs["split", "float32"][i], tol / 2)
         assert_close(f"split bf16-stored {name}", ref[i], outs["split", "bfloat16"][i], 5e-3)
         assert_close(f"split kd-bf16-stored {name}", ref[i], outs["split", "kd-bfloat16"][i], 5e-3)
+
+
+ONEPASS_CASES = [
+    (1, 63, 2, 2, 32, 64, jnp.bfloat16, ("logsig", "strong"), 16, 3),
+    (2, 45, 4, 2, 32, 32, jnp.float32, ("min", "mixed"), 16, 3),
+]
+
+
+@pytest.mark.parametrize("case", ONEPASS_CASES, ids=[case_id(*c) for c in ONEPASS_CASES])
+def test_onepass_forward_and_key_tiles_interpret(case):
+    """The one-pass forward (its gate cumsum as a 0/1 bfloat16 matmul: exact for bfloat16 gates, the scan for
+    float32 ones) with every gradient through the split backward, and the key tiles of the split passes set apart
+    from `block_k` (segment pass, intra dq / dk, dv, the forward's intra kernel, the state passes)."""
+    B, T, H, Hk, K, V, dtype, gates, chunk, P = case
+    args = make_inputs(T + 3, B, T, H, Hk, K, V, dtype, gates)
+    dot = "ieee" if dtype == jnp.float32 else "tf32"
+    tiles = dict(block_k=32, intra_block_k=16, states_block_k=16, seg_block_k=16, dqk_intra_block_k=16, dv_block_k=16)
+    for fwd in ("onepass", "split"):
+        cfg = GpuConfig(
+            fwd=fwd, chunk=chunk, bwd_chunk=chunk, num_segments=P, block_v=16, onepass_block_k=16,
+            onepass_block_v=16, onepass_cumsum="bf16", state_dot=dot, intra_dot=dot,
+            bwd_dot="ieee" if dtype == jnp.float32 else "tf32x3", seg_num_warps=4, **tiles,
+        )  # fmt: skip
+        skip = ("dg1",) if gates[0] == "min" else ()  # all at -50: dg1 is ~0 (see test_gates_at_minus_50)
+        check_against_oracle(pallas_fn("gpu", chunk, cfg), args, dtype, skip=skip)
 
 
 def _kernel_primitives(fn, args) -> dict[str, set[str]]:
@@ -256,6 +286,8 @@ def _kernel_primitives(fn, args) -> dict[str, set[str]]:
         ("split", "split", 4, 8, {"grads_order": "states-first"}),
         ("split", "split", 4, 8, {"grads_order": "intra-first"}),
         ("fused", "fused", 2, 5, {}),
+        ("onepass", "split", 4, 10, {}),  # intra (o_intra only), its fix-up, the segment pass, the one-pass kernel
+        ("split", "split", 4, 10, {"seg_block_k": 32, "dqk_intra_block_k": 32, "dv_block_k": 32}),
     ],
 )
 def test_gpu_kernels_lower_for_triton(fwd, bwd, n_fwd, n_grad, extra):
@@ -456,14 +488,15 @@ def test_gpu_compiled_backward_precision(precision):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("fwd", ["fused", "onepass"])
 @pytest.mark.parametrize("case", GPU_BIG, ids=[case_id(*c, 64, 0) for c in GPU_BIG])
-def test_gpu_compiled_fused_forward(case):
-    """The fused forward (`GpuConfig.fwd = "fused"`, the v3/v4 kernel) still compiles and agrees; the default
-    (split) one is `test_gpu_compiled`'s."""
+def test_gpu_compiled_other_forwards(case, fwd):
+    """The other forward forms (`GpuConfig.fwd`: "fused", the v3/v4 kernel; "onepass", v8) compile and agree; the
+    default (split) one is `test_gpu_compiled`'s."""
     B, T, H, Hk, K, V, dtype, gates = case
     args = make_inputs(T, B, T, H, Hk, K, V, dtype, gates)
     dot = "ieee" if dtype == jnp.float32 else "tf32"
-    cfg = GpuConfig(fwd="fused", state_dot=dot, intra_dot=dot)
+    cfg = GpuConfig(fwd=fwd, state_dot=dot, intra_dot=dot)
     check_against_oracle(pallas_fn("gpu", 64, cfg, interpret=False), args, dtype, with_grads=False)
 
 

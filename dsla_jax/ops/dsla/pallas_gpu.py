@@ -114,6 +114,9 @@ class GpuConfig:
             (64 wide, 4 warps: 8.0 ms forward + backward on an H200 against 8.3 at 32 wide).
         dqk_intra_num_warps: warps of the intra-chunk kernels of grads_order="split" (None: grads_num_warps; 4:
             8.3 ms against 9.0 at 8).
+        dqk_intra_block_k, dv_block_k: key tiles of those intra-chunk kernels and of the dv kernel (None: block_k).
+        seg_block_k, seg_num_warps: key tile and warps of the split forward's segment pass (None: all of K /
+            rec_num_warps); its state rows per key channel are separate recurrences, as in the backward's passes.
         fwd_fixup: the split forward's intra-chunk kernel runs the fast path only and a fix-up pass redoes the
             chunks past the decay bound in place (the exact path's loops out of the hot kernel's registers);
             False: both paths in one kernel.
@@ -159,6 +162,10 @@ class GpuConfig:
     dv_block_v: int | None = 64
     dv_num_warps: int | None = 4
     dqk_intra_num_warps: int | None = 4
+    dqk_intra_block_k: int | None = None
+    seg_block_k: int | None = None
+    seg_num_warps: int | None = None
+    dv_block_k: int | None = None
     save_states: bool = False
     fwd_fixup: bool = True
     cumsum: str = "scan"
@@ -747,28 +754,29 @@ def fwd_rec_gpu(qd, kd, ebl, v, oi, s_in, *, cfg: GpuConfig, P: int, interpret=F
     )(qd, kd, ebl, v, oi, s_in)
 
 
-def _seg_split_kernel(kd_ref, ebl_ref, v_ref, s_ref, d_ref, *, H, BT, BV, NC, sd):
-    iv, bh, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)  # value tiles adjacent: L2 reuse
+def _seg_split_kernel(kd_ref, ebl_ref, v_ref, s_ref, d_ref, *, H, BT, BK, BV, NC, sd):
+    kv, bh, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)  # a segment's tiles adjacent: L2 reuse
+    nv = v_ref.shape[-1] // BV
+    ik, iv = lax.div(kv, nv), lax.rem(kv, nv)  # (key tile, value tile), value tiles fastest
     b, h = lax.div(bh, H), lax.rem(bh, H)  # non-negative: no floor-division selects
-    vs = pl.ds(iv * BV, BV)
-    K = kd_ref.shape[-1]
+    ks, vs = pl.ds(ik * BK, BK), pl.ds(iv * BV, BV)
 
-    def body(n, carry):
+    def body(n, carry):  # the state rows of a key tile are a recurrence of their own
         s1, s2, d1, d2 = carry
         c = p * NC + n
         ts = pl.ds(c * BT, BT)
         v = v_ref[b, ts, h, vs].astype(f32)
-        e1, e2 = ebl_ref[0, bh, c, :], ebl_ref[1, bh, c, :]
-        s1 = e1[:, None] * s1 + _mm(kd_ref[0, bh, ts, :], v, sd, ta=True)
-        s2 = e2[:, None] * s2 + _mm(kd_ref[1, bh, ts, :], v, sd, ta=True)
+        e1, e2 = ebl_ref[0, bh, c, ks], ebl_ref[1, bh, c, ks]
+        s1 = e1[:, None] * s1 + _mm(kd_ref[0, bh, ts, ks], v, sd, ta=True)
+        s2 = e2[:, None] * s2 + _mm(kd_ref[1, bh, ts, ks], v, sd, ta=True)
         return s1, s2, d1 * e1, d2 * e2
 
-    z, one = jnp.zeros((K, BV), f32), jnp.ones((K,), f32)
+    z, one = jnp.zeros((BK, BV), f32), jnp.ones((BK,), f32)
     s1, s2, d1, d2 = lax.fori_loop(0, NC, body, (z, z, one, one))
-    s_ref[bh, p, 0, :, vs] = s1
-    s_ref[bh, p, 1, :, vs] = s2
-    d_ref[bh, p, iv, 0, :] = d1  # the same for every value tile; the caller keeps tile 0
-    d_ref[bh, p, iv, 1, :] = d2
+    s_ref[bh, p, 0, ks, vs] = s1
+    s_ref[bh, p, 1, ks, vs] = s2
+    d_ref[bh, p, iv, 0, ks] = d1  # the same for every value tile; the caller keeps tile 0
+    d_ref[bh, p, iv, 1, ks] = d2
 
 
 def seg_states_split_gpu(kd, ebl, v, *, P: int, count: int, cfg: GpuConfig, interpret=False):
@@ -780,17 +788,17 @@ def seg_states_split_gpu(kd, ebl, v, *, P: int, count: int, cfg: GpuConfig, inte
     """
     B, T, H, V = v.shape
     K = kd.shape[-1]
-    BT, BV = cfg.chunk, min(cfg.block_v, V)
+    BT, BV, BK = cfg.chunk, min(cfg.block_v, V), min(cfg.seg_block_k or K, K)
     NC = T // (P * BT)
-    kernel = functools.partial(_seg_split_kernel, H=H, BT=BT, BV=BV, NC=NC, sd=cfg.state_dot)
+    kernel = functools.partial(_seg_split_kernel, H=H, BT=BT, BK=BK, BV=BV, NC=NC, sd=cfg.state_dot)
     return pl.pallas_call(
         kernel,
         out_shape=(
             jax.ShapeDtypeStruct((B * H, count, 2, K, V), f32),
             jax.ShapeDtypeStruct((B * H, count, V // BV, 2, K), f32),
         ),
-        grid=(V // BV, B * H, count),
-        compiler_params=_compiler_params(cfg.rec_num_warps, cfg.rec_num_stages, interpret),
+        grid=((K // BK) * (V // BV), B * H, count),
+        compiler_params=_compiler_params(cfg.seg_num_warps or cfg.rec_num_warps, cfg.rec_num_stages, interpret),
         interpret=interpret,
         name="dsla_seg_states_split",
     )(kd, ebl, v)

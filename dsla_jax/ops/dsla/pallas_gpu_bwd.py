@@ -411,8 +411,9 @@ def bwd_grads_gpu(
     kw = dict(H=H, BT=BT, BK=BK, BV=BV, NC=NC, scale=scale, nm=nm)
     intra = ()
     if cfg.grads_order == "split":
-        ikw = dict(H=H, BT=BT, BK=BK, BV=BV, nm=nm)
-        grid = (2 * (K // BK), B * H, N)  # (state, key tile) fastest: the programs of a chunk share do, v, q, k
+        BKi = min(cfg.dqk_intra_block_k or BK, K)
+        ikw = dict(H=H, BT=BT, BK=BKi, BV=BV, nm=nm)
+        grid = (2 * (K // BKi), B * H, N)  # (state, key tile) fastest: the programs of a chunk share do, v, q, k
         intra = pl.pallas_call(
             functools.partial(_dqk_intra_kernel, exact=False, **ikw),
             out_shape=(jax.ShapeDtypeStruct((2, B * H, T, K), f32),) * 2 + (jax.ShapeDtypeStruct(grid, f32),),
@@ -445,7 +446,7 @@ def bwd_grads_gpu(
         name="dsla_bwd_dqk",
     )(w, q, k, v, do, g1, g2, hs, dl, e, ds_end, *intra)
     dv = pl.pallas_call(
-        functools.partial(_dv_kernel, H=H, BT=BT, BK=BK, BV=BVd, NC=NC, nm=nm),
+        functools.partial(_dv_kernel, H=H, BT=BT, BK=min(cfg.dv_block_k or BK, K), BV=BVd, NC=NC, nm=nm),
         out_shape=jax.ShapeDtypeStruct((B, T, H, V), q.dtype),
         grid=(V // BVd, B * H, N),
         compiler_params=dv_params,
