@@ -117,6 +117,8 @@ class GpuConfig:
         dqk_intra_block_k, dv_block_k: key tiles of those intra-chunk kernels and of the dv kernel (None: block_k).
         seg_block_k, seg_num_warps: key tile and warps of the split forward's segment pass (None: all of K /
             rec_num_warps); its state rows per key channel are separate recurrences, as in the backward's passes.
+            64 keys by default: 193 -> 106 registers by `scripts/triton_resources.py`, forward 1.60 -> 1.56 ms at
+            B1 T8192 on an H200 (32 keys at 4 warps: 1.63).
         fwd_fixup: the split forward's intra-chunk kernel runs the fast path only and a fix-up pass redoes the
             chunks past the decay bound in place (the exact path's loops out of the hot kernel's registers);
             False: both paths in one kernel.
@@ -163,7 +165,7 @@ class GpuConfig:
     dv_num_warps: int | None = 4
     dqk_intra_num_warps: int | None = 4
     dqk_intra_block_k: int | None = None
-    seg_block_k: int | None = None
+    seg_block_k: int | None = 64
     seg_num_warps: int | None = None
     dv_block_k: int | None = None
     save_states: bool = False
