@@ -70,9 +70,10 @@ class GpuConfig:
         num_segments: P, sequence segments run in parallel (None: chosen from B * H, see `pick_segments`).
         num_warps, num_stages: Triton launch parameters of the fused forward kernels.
         fwd: "split" (a parallel intra-chunk kernel, then a recurrent kernel of loads and matmuls only; see
-            `fwd_split_gpu`), "onepass" (a segment pass, then one sequential kernel per value tile and segment that
-            reads the inputs once, key-tiled states in registers; `pallas_gpu_onepass`) or "fused" (the v3/v4
-            sequential kernel with whole-K states; `fwd_gpu`).
+            `fwd_split_gpu`), "onepass" (the intra kernel without decayed q / k stores, then a segment pass and a
+            sequential kernel that recompute the decays, key-tiled states in registers; `pallas_gpu_onepass`; 3.4 ms
+            against 1.6 at B1 T8192 on an H200) or "fused" (the v3/v4 sequential kernel with whole-K states;
+            `fwd_gpu`).
         onepass_block_k, onepass_block_v, onepass_num_warps, onepass_num_stages: the one-pass kernels' key and value
             tiles (2 K / BK state tiles of [BK, BV] float32 per program) and Triton launch parameters.
         onepass_cumsum: the one-pass kernels' gate cumsum: "scan" or "bf16" (a 0/1 matmul on bfloat16 tensor
