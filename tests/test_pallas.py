@@ -237,6 +237,7 @@ def test_onepass_forward_and_key_tiles_interpret(case):
     args = make_inputs(T + 3, B, T, H, Hk, K, V, dtype, gates)
     dot = "ieee" if dtype == jnp.float32 else "tf32"
     tiles = dict(block_k=32, intra_block_k=16, states_block_k=16, seg_block_k=16, dqk_intra_block_k=16, dv_block_k=16)
+    tiles["exact_block_k"] = K  # the forward's exact fix-up pass in whole-K tiles
     for fwd in ("onepass", "split"):
         cfg = GpuConfig(
             fwd=fwd, chunk=chunk, bwd_chunk=chunk, num_segments=P, block_v=16, onepass_block_k=16,

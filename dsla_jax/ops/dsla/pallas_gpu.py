@@ -123,6 +123,10 @@ class GpuConfig:
         fwd_fixup: the split forward's intra-chunk kernel runs the fast path only and a fix-up pass redoes the
             chunks past the decay bound in place (the exact path's loops out of the hot kernel's registers);
             False: both paths in one kernel.
+        exact_block_k: key tile of that fix-up pass (None: intra_block_k). Its exact path loops over the chunk's
+            columns once per key tile and state, so wider tiles mean fewer, wider loop steps; untimed (with every
+            gate at -50 the forward took 16.1 ms at 32-key tiles on an H200, 10.8 ms in v7 with the exact path
+            inline at 64).
         save_states: under differentiation, the split forward's recurrent kernel stores the state entering every
             chunk (float32, 8 K V bytes per chunk and head: 0.54 GB at B1 T8192 H32 D128, 16x the other
             residuals) and the split backward reads them instead of recomputing them in its state pass. Off by
@@ -171,6 +175,7 @@ class GpuConfig:
     dv_block_k: int | None = None
     save_states: bool = False
     fwd_fixup: bool = True
+    exact_block_k: int | None = None
     cumsum: str = "scan"
     split_dtype: str = "float32"
     intra_num_warps: int = 4
@@ -693,7 +698,7 @@ def fwd_intra_gpu(
         name="dsla_fwd_intra",
     )(w, q, k, v, g1, g2)
     return pl.pallas_call(  # the exact path where a chunk's decay range needs it, in place
-        functools.partial(_intra_kernel, mode="fixup", **kw),
+        functools.partial(_intra_kernel, mode="fixup", **{**kw, "BK": min(cfg.exact_block_k or BK, K)}),
         out_shape=out_shape,
         grid=(B * H, N),
         input_output_aliases={7 + i: i for i in range(len(out_shape))},
