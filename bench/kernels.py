@@ -288,6 +288,23 @@ def decode_rows(B=64, interpret=False, sweep=False):
             record(impl=name, B=B, T=1, pass_="decode", ms=ms, TBps=state_bytes / ms / 1e9, err_vs_xla=err)
         except Exception as e:
             record(impl=name, B=B, T=1, pass_="decode", error=f"{type(e).__name__}: {str(e)[:300]}")
+    # The same step as a Mosaic GPU kernel (TMA copies; `pallas_decode_mgpu`), GPU only.
+    if interpret or jax.default_backend() != "gpu":
+        return
+    for bv in (None, 32, 128) if sweep else (None,):
+        name = "pallas decode mosaic" + ("" if bv is None else f" BV{bv}")
+        try:
+            f = jax.jit(
+                lambda q, k, v, g1, g2, mix, s, bv=bv: dsla_decode_step_pallas(
+                    q, k, v, g1, g2, mix, s, gpu_lowering="mosaic", block_v=bv
+                )
+            )
+            out = f(q, k, v, g1, g2, mix, s)
+            err = rel_err(ref[1][0], out[1][0]) if ref is not None else None
+            ms = time_jax(f, q, k, v, g1, g2, mix, s)
+            record(impl=name, B=B, T=1, pass_="decode", ms=ms, TBps=state_bytes / ms / 1e9, err_vs_xla=err)
+        except Exception as e:
+            record(impl=name, B=B, T=1, pass_="decode", error=f"{type(e).__name__}: {str(e)[:300]}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

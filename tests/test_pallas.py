@@ -427,6 +427,59 @@ def test_decode_step(backend, dtype):
     assert_close("o after prefill", o_full, o_dec, TOL[jnp.dtype(dtype).name])
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("heads", [(2, 2), (6, 2)], ids=["mha", "gqa3"])
+def test_decode_step_mosaic_interpret(dtype, heads):
+    """The Mosaic GPU decode kernel in Mosaic GPU's interpreter against the token loop: grouped heads, 64 and 128
+    value columns per program, one gate at -50; then prefill + decode = prefill."""
+    H, Hk = heads
+    B, T, K, V = 2, 5, 64, 128
+    q, k, v, g1, g2, mix, s0 = make_inputs(19, B, T, H, Hk, K, V, dtype, ("min", "logsig"))
+    o_ref, s1_ref, s2_ref = oracle(q[:, -1:], k[:, -1:], v[:, -1:], g1[:, -1:], g2[:, -1:], mix, s0)
+    last = [x[:, -1] for x in (q, k, v, g1, g2)]
+    for bv in (None, 128):
+        o, (s1, s2) = dsla_decode_step_pallas(
+            *last, mix, s0, backend="gpu", interpret=True, gpu_lowering="mosaic", block_v=bv
+        )
+        assert o.dtype == dtype and o.shape == (B, H, V)
+        assert_close("o", o_ref[:, 0], o, TOL[jnp.dtype(dtype).name])
+        assert_close("S1", s1_ref, s1, 1e-6)
+        assert_close("S2", s2_ref, s2, 1e-6)
+    pre = pallas_fn("gpu", 16)(*(x[:, :-1] for x in (q, k, v, g1, g2)), mix, s0)
+    o_dec, _ = dsla_decode_step_pallas(
+        *last, mix, (pre[1], pre[2]), backend="gpu", interpret=True, gpu_lowering="mosaic"
+    )
+    assert_close("o after prefill", oracle(q, k, v, g1, g2, mix, s0)[0][:, -1], o_dec, TOL[jnp.dtype(dtype).name])
+
+
+def test_decode_step_mosaic_lowers_and_checks():
+    """The Mosaic GPU decode kernel lowers for CUDA on any host (a `mosaic_gpu` custom call, not Triton) and
+    refuses tiles it cannot lay out."""
+    q, k, v, g1, g2, mix, s0 = make_inputs(23, 2, 1, 4, 2, 128, 128, jnp.bfloat16)
+    args = (q[:, 0], k[:, 0], v[:, 0], g1[:, 0], g2[:, 0], mix, s0)
+    fn = lambda *a: dsla_decode_step_pallas(*a, backend="gpu", gpu_lowering="mosaic")  # noqa: E731
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "triton" not in text
+    with pytest.raises(ValueError, match="multiple of 32"):
+        dsla_decode_step_pallas(*args, backend="gpu", interpret=True, gpu_lowering="mosaic", block_v=48)
+    with pytest.raises(ValueError, match="gpu_lowering"):
+        dsla_decode_step_pallas(*args, backend="gpu", interpret=True, gpu_lowering="cuda")
+    q, k, v, g1, g2, mix, s0 = make_inputs(23, 1, 1, 2, 2, 32, 64, jnp.float32)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        dsla_decode_step_pallas(
+            q[:, 0],
+            k[:, 0],
+            v[:, 0],
+            g1[:, 0],
+            g2[:, 0],
+            mix,
+            s0,
+            backend="gpu",
+            interpret=True,
+            gpu_lowering="mosaic",
+        )
+
+
 def test_empty_sequence_and_errors():
     q, k, v, g1, g2, mix, s0 = make_inputs(17, 1, 8, 4, 2, 32, 32, jnp.float32)
     o, (s1, _) = dsla_attention_pallas(
@@ -504,10 +557,12 @@ def test_gpu_compiled_other_forwards(case, fwd):
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_gpu_compiled_decode(dtype):
+@pytest.mark.parametrize("lowering", ["triton", "mosaic"])
+def test_gpu_compiled_decode(dtype, lowering):
     B, H, Hk, K, V = 8, 8, 4, 128, 128
     q, k, v, g1, g2, mix, s0 = make_inputs(21, B, 1, H, Hk, K, V, dtype, ("min", "logsig"))
-    o_ref, s1_ref, _ = oracle(q, k, v, g1, g2, mix, s0)
-    o, (s1, _) = dsla_decode_step_pallas(q[:, 0], k[:, 0], v[:, 0], g1[:, 0], g2[:, 0], mix, s0)
+    o_ref, s1_ref, s2_ref = oracle(q, k, v, g1, g2, mix, s0)
+    o, (s1, s2) = dsla_decode_step_pallas(q[:, 0], k[:, 0], v[:, 0], g1[:, 0], g2[:, 0], mix, s0, gpu_lowering=lowering)
     assert_close("o", o_ref[:, 0], o, TOL[jnp.dtype(dtype).name])
     assert_close("S1", s1_ref, s1, 1e-6)
+    assert_close("S2", s2_ref, s2, 1e-6)

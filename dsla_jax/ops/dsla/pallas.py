@@ -393,6 +393,7 @@ def dsla_decode_step_pallas(
     backend: str | None = None,
     interpret=False,
     block_v: int | None = None,
+    gpu_lowering: str = "triton",
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Advance both DSLA states by one token and read them out, in one kernel (each state byte read and written once).
 
@@ -406,6 +407,8 @@ def dsla_decode_step_pallas(
         scale: output scale, default K ** -0.5.
         backend, interpret: as `dsla_attention_pallas`.
         block_v: value tile of a program (default: 64 on GPU, V on TPU).
+        gpu_lowering: on GPU, "triton" (`pallas_decode`, a `pallas_call` lowered through Triton) or "mosaic"
+            (`pallas_decode_mgpu`, a Mosaic GPU kernel with TMA copies; needs K % 64 == 0 and V % 32 == 0).
 
     Returns:
         o [B, H, V] in q's dtype and the new states (S1, S2), each [B, Hk, K, V] float32.
@@ -416,6 +419,24 @@ def dsla_decode_step_pallas(
     check_mix(mix)
     backend = _resolve_backend(backend, interpret)
     scale = resolve_scale(scale, K)
+    if gpu_lowering not in ("triton", "mosaic"):
+        raise ValueError(f"gpu_lowering must be 'triton' or 'mosaic', got {gpu_lowering!r}")
+    if backend == "gpu" and gpu_lowering == "mosaic":
+        from dsla_jax.ops.dsla.pallas_decode_mgpu import decode_step_mgpu
+
+        return decode_step_mgpu(
+            q,
+            k,
+            v,
+            g1,
+            g2,
+            mix,
+            state[0].astype(f32),
+            state[1].astype(f32),
+            scale=scale,
+            block_v=block_v,
+            interpret=bool(interpret),
+        )
     from dsla_jax.ops.dsla.pallas_decode import decode_step
 
     return decode_step(

@@ -124,9 +124,9 @@ class GpuConfig:
             chunks past the decay bound in place (the exact path's loops out of the hot kernel's registers);
             False: both paths in one kernel.
         exact_block_k: key tile of that fix-up pass (None: intra_block_k). Its exact path loops over the chunk's
-            columns once per key tile and state, so wider tiles mean fewer, wider loop steps; untimed (with every
-            gate at -50 the forward took 16.1 ms at 32-key tiles on an H200, 10.8 ms in v7 with the exact path
-            inline at 64).
+            columns once per key tile and state, so wider tiles mean fewer, wider loop steps. 64 by default: with
+            every gate at -50, B1 T8192 forward 16.17 (32 keys) -> 11.36 ms (64; 128: 12.99) on an H200 in one
+            call, 1.59 -> 1.56 ms at logsig gates; `fwd_fixup=False` was 9.54 ms at -50 (v9 call 1).
         save_states: under differentiation, the split forward's recurrent kernel stores the state entering every
             chunk (float32, 8 K V bytes per chunk and head: 0.54 GB at B1 T8192 H32 D128, 16x the other
             residuals) and the split backward reads them instead of recomputing them in its state pass. Off by
@@ -175,7 +175,7 @@ class GpuConfig:
     dv_block_k: int | None = None
     save_states: bool = False
     fwd_fixup: bool = True
-    exact_block_k: int | None = None
+    exact_block_k: int | None = 64
     cumsum: str = "scan"
     split_dtype: str = "float32"
     intra_num_warps: int = 4
