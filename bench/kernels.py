@@ -390,6 +390,9 @@ def sweep_variants():
         ("split C64 V64 w4 iw4 K32", dict(intra_num_warps=4, block_k=32, rec_num_warps=4)),
     ]:
         out.append((label, {**split, **upd}))
+    # v9: the recurrent kernel on Mosaic GPU (WGMMA, TMA), on the current defaults
+    out.append(("split default rec-mosaic", dict(rec="mosaic")))
+    out.append(("split default", {}))
     # v8, measured slower (3.4 ms against 1.6 at B1 T8192 on an H200): the sequential kernel recomputes the decays
     for label, upd in [
         ("onepass C64 V64 w8 K32", dict(fwd="onepass")),
@@ -424,7 +427,18 @@ def split_parts(args, interpret: bool, cfg=None):
         ("seg", seg, (kd, ebl, v), (P - 1) / P * (2 * tok * ks + tok * it)),
         ("rec", rec, (qd, kd, ebl, v, oi, s_in), 2 * tok * (qs + ks) + 2 * tok * it + tok * 4),
     ]
-    time_parts("split part", "fwd", parts if P > 1 else parts[::2], B=B, T=T, P=P)
+    if not interpret and jax.default_backend() == "gpu" and it == 2 and cfg.chunk == 64:
+        from dsla_jax.ops.dsla import pallas_gpu_rec_mgpu as km
+
+        split = jax.jit(km.split_hi_lo)
+        kdh, kdl = split(kd)
+        s_in_t = jnp.swapaxes(s_in, -1, -2)
+        rec_m = jax.jit(lambda *a: km.fwd_rec_mgpu(*a, P=P, chunk=cfg.chunk, block_v=min(cfg.block_v, V)))
+        parts += [
+            ("kd hi/lo (XLA)", split, (kd,), 2 * tok * ks + 2 * tok * 2 * 2),
+            ("rec mosaic", rec_m, (qd, kdh, kdl, ebl, v, oi, s_in_t), 2 * tok * (qs + 4) + 2 * tok * it + tok * 4),
+        ]
+    time_parts("split part", "fwd", parts if P > 1 else [p for p in parts if p[0] != "seg"], B=B, T=T, P=P)
 
 
 def time_parts(prefix: str, pass_: str, parts, *, B: int, T: int, P: int) -> None:

@@ -20,6 +20,15 @@ from jax import lax
 f32 = jnp.float32
 
 
+def lane_semantics():
+    """Mosaic GPU compiler parameters with per-lane (`Lane`) lowering semantics: JAX 0.10's default, and what the
+    kernels here are written and checked for (JAX 0.11 defaults to `Warpgroup`, whose lowering rejects the
+    recurrent kernel's `run_state` accumulators)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
+
+
 def _interpret_params():
     """Mosaic GPU interpret parameters (private in JAX 0.10 / 0.11: imported where the tests need them)."""
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
@@ -134,6 +143,7 @@ def decode_step_mgpu(
         ],
         interpret=_interpret_params() if interpret else None,
         kernel_name="dsla_decode_mgpu",
+        compiler_params=lane_semantics(),
     )
     o, s1n, s2n = kernel(w.astype(f32), q3, k2, v2, g12, g22, s1r, s2r)
     return o.reshape(B, H, V), (s1n.reshape(s1.shape), s2n.reshape(s2.shape))

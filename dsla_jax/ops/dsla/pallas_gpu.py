@@ -78,6 +78,10 @@ class GpuConfig:
             tiles (2 K / BK state tiles of [BK, BV] float32 per program) and Triton launch parameters.
         onepass_cumsum: the one-pass kernels' gate cumsum: "scan" or "bf16" (a 0/1 matmul on bfloat16 tensor
             cores: exact for bfloat16 gates; float32 gates take the scan).
+        rec: the split forward's recurrent kernel: "triton" (`fwd_rec_gpu`) or "mosaic" (`pallas_gpu_rec_mgpu`: a
+            Mosaic GPU kernel, WGMMA and TMA, one warpgroup per program; 16-bit inputs, chunk 64, 64-column value
+            tiles, float32 split storage; the decayed keys go to it as bfloat16 halves, and the states forward
+            and back transposed, by XLA).
         split_dtype: storage of the split form's decayed queries and keys: "float32" (both), "bfloat16" (both) or
             "kd-bfloat16" (keys only: they feed the states; the queries feed the outputs directly).
         intra_num_warps, intra_num_stages: Triton launch parameters of the split form's intra-chunk kernel.
@@ -182,6 +186,7 @@ class GpuConfig:
     intra_num_stages: int = 1
     rec_num_warps: int = 8
     rec_num_stages: int = 1
+    rec: str = "triton"
     onepass_block_k: int = 32
     onepass_block_v: int = 64
     onepass_num_warps: int = 8
