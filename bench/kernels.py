@@ -430,13 +430,13 @@ def split_parts(args, interpret: bool, cfg=None):
     if not interpret and jax.default_backend() == "gpu" and it == 2 and cfg.chunk == 64:
         from dsla_jax.ops.dsla import pallas_gpu_rec_mgpu as km
 
-        split = jax.jit(km.split_hi_lo)
-        kdh, kdl = split(kd)
+        split = jax.jit(km.split_kd)
+        kd4 = split(kd)
         s_in_t = jnp.swapaxes(s_in, -1, -2)
         rec_m = jax.jit(lambda *a: km.fwd_rec_mgpu(*a, P=P, chunk=cfg.chunk, block_v=min(cfg.block_v, V)))
         parts += [
             ("kd hi/lo (XLA)", split, (kd,), 2 * tok * ks + 2 * tok * 2 * 2),
-            ("rec mosaic", rec_m, (qd, kdh, kdl, ebl, v, oi, s_in_t), 2 * tok * (qs + 4) + 2 * tok * it + tok * 4),
+            ("rec mosaic", rec_m, (qd, kd4, ebl, v, oi, s_in_t), 2 * tok * (qs + 4) + 2 * tok * it + tok * 4),
         ]
     time_parts("split part", "fwd", parts if P > 1 else [p for p in parts if p[0] != "seg"], B=B, T=T, P=P)
 

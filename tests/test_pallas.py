@@ -7,6 +7,8 @@ larger shapes and are skipped without a GPU.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -276,6 +278,10 @@ def test_mosaic_recurrent_kernel_interpret(case):
     )  # fmt: skip  (float32 backward: its bfloat16 error at 64-token chunks is the backward's, not this kernel's)
     skip = ("dg1",) if gates[0] == "min" else ()
     check_against_oracle(pallas_fn("gpu", chunk, cfg), args, dtype, skip=skip)
+    # The intra kernel writing kd's bfloat16 halves and tf32-rounded qd itself, for the Mosaic and Triton kernels.
+    for rec in ("mosaic", "triton"):
+        cfg2 = dataclasses.replace(cfg, rec=rec, split_dtype="kd-bf16x2")
+        check_against_oracle(pallas_fn("gpu", chunk, cfg2), args, dtype, with_grads=False)
     for bad, match in ((dict(fwd="fused"), "split forward"), (dict(rec="cuda"), "rec must")):
         with pytest.raises(ValueError, match=match):
             pallas_fn("gpu", chunk, GpuConfig(**{**dict(rec="mosaic"), **bad}))(*args)
@@ -602,11 +608,13 @@ def test_gpu_compiled_other_forwards(case, fwd):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-def test_gpu_compiled_mosaic_recurrent():
+@pytest.mark.parametrize("split_dtype", ["float32", "kd-bf16x2"])
+def test_gpu_compiled_mosaic_recurrent(split_dtype):
     """The split forward with the Mosaic GPU recurrent kernel, compiled, with every gradient (bfloat16 case)."""
     B, T, H, Hk, K, V, dtype, gates = GPU_BIG[0]
     args = make_inputs(T, B, T, H, Hk, K, V, dtype, gates)
-    check_against_oracle(pallas_fn("gpu", 64, GpuConfig(rec="mosaic"), interpret=False), args, dtype)
+    cfg = GpuConfig(rec="mosaic", split_dtype=split_dtype)
+    check_against_oracle(pallas_fn("gpu", 64, cfg, interpret=False), args, dtype)
 
 
 @pytest.mark.gpu

@@ -102,8 +102,10 @@ def _gpu_fwd(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret, for_grad=False
     keep = for_grad and cfg.bwd == "split" and cfg.bwd_chunk == cfg.chunk  # the backward reads the scores
     if cfg.rec not in ("triton", "mosaic"):
         raise ValueError(f"GpuConfig.rec must be 'triton' or 'mosaic', got {cfg.rec!r}")
-    if cfg.rec == "mosaic" and (cfg.fwd != "split" or cfg.split_dtype != "float32"):
-        raise ValueError("GpuConfig(rec='mosaic') needs the split forward with float32 storage (fwd='split')")
+    if cfg.rec == "mosaic" and (cfg.fwd != "split" or cfg.split_dtype not in ("float32", "kd-bf16x2")):
+        raise ValueError(
+            "GpuConfig(rec='mosaic') needs the split forward (fwd='split') with split_dtype 'float32' or 'kd-bf16x2'"
+        )
     if cfg.fwd == "split":
         qd, kd, ebl, oi, *a = kg.fwd_intra_gpu(
             q, k, v, g1, g2, w, scale=scale, cfg=cfg, interpret=interpret, scores=keep
@@ -119,11 +121,11 @@ def _gpu_fwd(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret, for_grad=False
 
             if save:
                 raise ValueError("GpuConfig(rec='mosaic') does not store chunk states (save_states=True)")
-            kd_hi, kd_lo = km.split_hi_lo(kd)
+            # kd-bf16x2: the intra kernel wrote the bfloat16 halves; float32: split here by XLA
+            kd = kd if kd.shape[0] == 4 else km.split_kd(kd)
             o, s_T = km.fwd_rec_mgpu(
                 qd,
-                kd_hi,
-                kd_lo,
+                kd,
                 ebl,
                 v,
                 oi,

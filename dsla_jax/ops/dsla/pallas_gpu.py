@@ -593,8 +593,29 @@ def seg_states_gpu(
 # Split forward (v5): a parallel intra-chunk kernel, a segment pass and a recurrent kernel of loads and matmuls
 # ----------------------------------------------------------------------------------------------------------------
 
-# GpuConfig.split_dtype -> storage dtypes of (qd, kd).
-SPLIT_DTYPES = {"float32": (f32, f32), "bfloat16": (jnp.bfloat16, jnp.bfloat16), "kd-bfloat16": (f32, jnp.bfloat16)}
+# GpuConfig.split_dtype -> storage dtypes of (qd, kd). "kd-bf16x2": kd as two bfloat16 planes per state (hi, lo:
+# [4, B H, T, K], plane 2 s + i) whose float32 sum is kd to ~2^-16, and qd rounded to tf32 (to nearest): the
+# operands of the Mosaic GPU recurrent kernel's WGMMAs (`pallas_gpu_rec_mgpu`), written by the intra kernel.
+SPLIT_DTYPES = {
+    "float32": (f32, f32),
+    "bfloat16": (jnp.bfloat16, jnp.bfloat16),
+    "kd-bfloat16": (f32, jnp.bfloat16),
+    "kd-bf16x2": (f32, jnp.bfloat16),
+}
+
+
+def round_tf32(x: jax.Array) -> jax.Array:
+    """float32 x rounded to tf32 (10 mantissa bits), to nearest (ties away from zero), kept in float32: tensor
+    cores read tf32 operands by dropping the low 13 bits, a bias this removes."""
+    u = lax.bitcast_convert_type(x, jnp.int32)
+    return lax.bitcast_convert_type((u + 4096) & -8192, f32)
+
+
+def _kd_tile(kd_ref, s, idx):
+    """State s's decayed keys at idx (bh, tokens, keys) in float32, from one plane or a hi / lo pair."""
+    if kd_ref.shape[0] == 4:
+        return kd_ref[2 * s, *idx].astype(f32) + kd_ref[2 * s + 1, *idx].astype(f32)
+    return kd_ref[s, *idx]
 
 
 def _intra_kernel(w_ref, q_ref, k_ref, v_ref, g1_ref, g2_ref, *refs, H, BT, BK, scale, nm, mode, decayed, scores):
@@ -622,9 +643,15 @@ def _intra_kernel(w_ref, q_ref, k_ref, v_ref, g1_ref, g2_ref, *refs, H, BT, BK, 
         k = k_ref[b, ts, h, ks].astype(f32)
         for s, (g_ref, w) in enumerate(((g1_ref, w1), (g2_ref, w2))):
             qd, kd, a_s, bL, trips = _fwd_terms(q, k, g_ref[b, ts, h, ks].astype(f32), nm, mode == "fast")
-            if decayed:
+            if decayed and kd_ref.shape[0] == 4:  # "kd-bf16x2"
+                qd_ref[s, bh, ts, ks] = round_tf32(qd * w)
+                kd_hi = kd.astype(kd_ref.dtype)
+                kd_ref[2 * s, bh, ts, ks] = kd_hi
+                kd_ref[2 * s + 1, bh, ts, ks] = (kd - kd_hi.astype(f32)).astype(kd_ref.dtype)
+            elif decayed:
                 qd_ref[s, bh, ts, ks] = (qd * w).astype(qd_ref.dtype)
                 kd_ref[s, bh, ts, ks] = kd.astype(kd_ref.dtype)
+            if decayed:
                 ebl_ref[s, bh, n, ks] = jnp.exp(bL)
             a = a + a_s * w
             flag = jnp.maximum(flag, trips.astype(f32))
@@ -678,7 +705,7 @@ def fwd_intra_gpu(
     kw = dict(H=H, BT=BT, BK=BK, scale=scale, nm=_numerics(cfg), decayed=decayed, scores=scores)
     out_shape = (
         jax.ShapeDtypeStruct((2, B * H, T, K), qdt),
-        jax.ShapeDtypeStruct((2, B * H, T, K), kdt),
+        jax.ShapeDtypeStruct((4 if cfg.split_dtype == "kd-bf16x2" else 2, B * H, T, K), kdt),
         jax.ShapeDtypeStruct((2, B * H, N, K), f32),
         jax.ShapeDtypeStruct((B * H, T, V), f32),
         jax.ShapeDtypeStruct((B * H, T, BT), f32),
@@ -728,8 +755,8 @@ def _rec_kernel(qd_ref, kd_ref, ebl_ref, v_ref, oi_ref, sin_ref, o_ref, sout_ref
         v = v_ref[b, ts, h, vs].astype(f32)  # [BT, BV]
         o = oi_ref[bh, ts, vs] + _mm(qd_ref[0, bh, ts, :], s1, sd) + _mm(qd_ref[1, bh, ts, :], s2, sd)
         o_ref[b, ts, h, vs] = o.astype(o_ref.dtype)
-        s1 = ebl_ref[0, bh, c, :][:, None] * s1 + _mm(kd_ref[0, bh, ts, :], v, sd, ta=True)
-        s2 = ebl_ref[1, bh, c, :][:, None] * s2 + _mm(kd_ref[1, bh, ts, :], v, sd, ta=True)
+        s1 = ebl_ref[0, bh, c, :][:, None] * s1 + _mm(_kd_tile(kd_ref, 0, (bh, ts, slice(None))), v, sd, ta=True)
+        s2 = ebl_ref[1, bh, c, :][:, None] * s2 + _mm(_kd_tile(kd_ref, 1, (bh, ts, slice(None))), v, sd, ta=True)
         return s1, s2
 
     s1, s2 = lax.fori_loop(0, NC, body, (sin_ref[bh, p, 0, :, vs], sin_ref[bh, p, 1, :, vs]))
@@ -780,8 +807,8 @@ def _seg_split_kernel(kd_ref, ebl_ref, v_ref, s_ref, d_ref, *, H, BT, BK, BV, NC
         ts = pl.ds(c * BT, BT)
         v = v_ref[b, ts, h, vs].astype(f32)
         e1, e2 = ebl_ref[0, bh, c, ks], ebl_ref[1, bh, c, ks]
-        s1 = e1[:, None] * s1 + _mm(kd_ref[0, bh, ts, ks], v, sd, ta=True)
-        s2 = e2[:, None] * s2 + _mm(kd_ref[1, bh, ts, ks], v, sd, ta=True)
+        s1 = e1[:, None] * s1 + _mm(_kd_tile(kd_ref, 0, (bh, ts, ks)), v, sd, ta=True)
+        s2 = e2[:, None] * s2 + _mm(_kd_tile(kd_ref, 1, (bh, ts, ks)), v, sd, ta=True)
         return s1, s2, d1 * e1, d2 * e2
 
     z, one = jnp.zeros((BK, BV), f32), jnp.ones((BK,), f32)

@@ -11,7 +11,7 @@ inputs) is exact in bfloat16: only bfloat16 / float16 inputs take this kernel. E
 next chunk's copy starts as soon as the chunk's matmul that reads it is done (two buffers of 64-token float32 tiles
 do not fit in shared memory), so the copies overlap the rest of the step.
 
-Layouts: qd [2, B H, T, K] float32, kd_hi / kd_lo [2, B H, T, K] bfloat16, ebl = exp(bL) [2, B H, N, K] float32,
+Layouts: qd [2, B H, T, K] float32, kd [4, B H, T, K] bfloat16 (hi, lo per state), ebl = exp(bL) [2, B H, N, K] float32,
 v [B, T, H, V], o_intra [B H, T, V] float32, entering states transposed [B H, P, 2, V, K] float32.
 """
 
@@ -22,14 +22,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from dsla_jax.ops.dsla.pallas_decode_mgpu import _interpret_params, lane_semantics
+from dsla_jax.ops.dsla.pallas_gpu import round_tf32
 
 f32 = jnp.float32
 
 
 def fwd_rec_mgpu(
     qd: jax.Array,
-    kd_hi: jax.Array,
-    kd_lo: jax.Array,
+    kd: jax.Array,
     ebl: jax.Array,
     v: jax.Array,
     oi: jax.Array,
@@ -44,7 +44,8 @@ def fwd_rec_mgpu(
 
     Args:
         qd: [2, B * H, T, K] float32 decayed, scaled and mixed queries.
-        kd_hi, kd_lo: [2, B * H, T, K] bfloat16 halves of the decayed keys.
+        kd: [4, B * H, T, K] bfloat16 halves of the decayed keys, plane 2 s + 0 (hi) and 2 s + 1 (lo) for state s
+            (`split_kd`, or the intra kernel's "kd-bf16x2" storage).
         ebl: [2, B * H, T / chunk, K] float32 chunk decays exp(bL).
         v: [B, T, H, V] bfloat16 or float16.
         oi: [B * H, T, V] float32 intra-chunk outputs.
@@ -90,7 +91,7 @@ def fwd_rec_mgpu(
 
         return pl.run_state(products)(plgpu.ACC.init(init))
 
-    def body(qd_ref, kdh_ref, kdl_ref, ebl_ref, v_ref, oi_ref, sin_ref, o_ref, sout_ref, *scratch):
+    def body(qd_ref, kd_ref, ebl_ref, v_ref, oi_ref, sin_ref, o_ref, sout_ref, *scratch):
         qd_sm, kdh_sm, kdl_sm, e_sm, v_sm, oi_sm, st_sm, o_sm, bar = scratch
         iv, bh, p = lax.axis_index("iv"), lax.axis_index("bh"), lax.axis_index("p")
         b, h = lax.div(bh, H), lax.rem(bh, H)
@@ -107,8 +108,8 @@ def fwd_rec_mgpu(
         def fetch_k(c):  # what the state update reads
             ts = pl.ds(c * BT, BT)
             for s in range(2):
-                plgpu.copy_gmem_to_smem(kdh_ref.at[s, bh, ts], kdh_sm.at[s], bar.at[3 + s])
-                plgpu.copy_gmem_to_smem(kdl_ref.at[s, bh, ts], kdl_sm.at[s], bar.at[5 + s])
+                plgpu.copy_gmem_to_smem(kd_ref.at[2 * s, bh, ts], kdh_sm.at[s], bar.at[3 + s])
+                plgpu.copy_gmem_to_smem(kd_ref.at[2 * s + 1, bh, ts], kdl_sm.at[s], bar.at[5 + s])
             plgpu.copy_gmem_to_smem(v_ref.at[b, ts, h, vs], v_sm, bar.at[7])
             plgpu.copy_gmem_to_smem(ebl_ref.at[:, bh, c], e_sm, bar.at[8])
 
@@ -151,12 +152,15 @@ def fwd_rec_mgpu(
             def _():
                 fetch_k(c + 1)
 
-            st_sm.at[0][...] = s1  # the output matmul of the next chunk reads them here
-            st_sm.at[1][...] = s2
+            st_sm.at[0][...] = round_tf32(s1)  # the next chunk's output matmul reads them here, as tf32: rounded
+            st_sm.at[1][...] = round_tf32(s2)  # to nearest (the tensor cores would drop the low bits)
             plgpu.commit_smem()
             return s1, s2
 
-        lax.fori_loop(0, NC, step, carry0)
+        s_end = lax.fori_loop(0, NC, step, carry0)
+        for s in range(2):  # the exact states (st_sm holds their tf32 roundings)
+            st_sm.at[s][...] = s_end[s]
+        plgpu.commit_smem()
         for s in range(2):
             plgpu.copy_smem_to_gmem(st_sm.at[s], sout_ref.at[bh, p, s, vs])
         plgpu.wait_smem_to_gmem(0)
@@ -168,8 +172,8 @@ def fwd_rec_mgpu(
         grid_names=("iv", "bh", "p"),
         scratch_types=[
             plgpu.SMEM((2, BT, K), f32, transforms=sw32),  # qd
-            plgpu.SMEM((2, BT, K), kd_hi.dtype, transforms=sw16),  # kd_hi
-            plgpu.SMEM((2, BT, K), kd_lo.dtype, transforms=sw16),  # kd_lo
+            plgpu.SMEM((2, BT, K), kd.dtype, transforms=sw16),  # kd_hi
+            plgpu.SMEM((2, BT, K), kd.dtype, transforms=sw16),  # kd_lo
             plgpu.SMEM((2, K), f32),  # exp(bL)
             plgpu.SMEM((BT, BV), v.dtype, transforms=sw16),
             plgpu.SMEM((BT, BV), f32, transforms=sw32),  # o_intra
@@ -181,10 +185,12 @@ def fwd_rec_mgpu(
         kernel_name="dsla_fwd_rec_mgpu",
         compiler_params=lane_semantics(),
     )
-    return kernel(qd, kd_hi, kd_lo, ebl, v, oi, s_in_t)
+    return kernel(qd, kd, ebl, v, oi, s_in_t)
 
 
-def split_hi_lo(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x (float32) as two bfloat16 arrays whose float32 sum is x to ~2^-16 relative."""
-    hi = x.astype(jnp.bfloat16)
-    return hi, (x - hi.astype(f32)).astype(jnp.bfloat16)
+def split_kd(kd: jax.Array) -> jax.Array:
+    """[2, ...] float32 decayed keys as [4, ...] bfloat16 planes (hi, lo per state) whose float32 sums are kd to
+    ~2^-16 relative (what the intra kernel writes itself with `GpuConfig.split_dtype="kd-bf16x2"`)."""
+    hi = kd.astype(jnp.bfloat16)
+    lo = (kd - hi.astype(f32)).astype(jnp.bfloat16)
+    return jnp.stack([hi, lo], axis=1).reshape(4, *kd.shape[1:])
