@@ -431,13 +431,22 @@ def split_parts(args, interpret: bool, cfg=None):
         from dsla_jax.ops.dsla import pallas_gpu_rec_mgpu as km
 
         split = jax.jit(km.split_kd)
-        kd4 = split(kd)
+        kd4 = kd if kd.shape[0] == 4 else split(kd)  # "kd-bf16x2": the intra kernel wrote the halves
         s_in_t = jnp.swapaxes(s_in, -1, -2)
-        rec_m = jax.jit(lambda *a: km.fwd_rec_mgpu(*a, P=P, chunk=cfg.chunk, block_v=min(cfg.block_v, V)))
-        parts += [
-            ("kd hi/lo (XLA)", split, (kd,), 2 * tok * ks + 2 * tok * 2 * 2),
-            ("rec mosaic", rec_m, (qd, kd4, ebl, v, oi, s_in_t), 2 * tok * (qs + 4) + 2 * tok * it + tok * 4),
-        ]
+        mosaic_bytes = 2 * tok * (qs + 4) + 2 * tok * it + tok * 4
+        if kd.shape[0] == 2:
+            parts.append(("kd hi/lo (XLA)", split, (kd,), 2 * tok * ks + 2 * tok * 2 * 2))
+        seg_m = jax.jit(
+            lambda *a: km.seg_states_mgpu(*a, P=P, count=P - 1, chunk=cfg.chunk, block_v=min(cfg.block_v, V))
+        )
+        parts.append(("seg mosaic", seg_m, (kd4, ebl, v), (P - 1) / P * (2 * tok * 4 + tok * it)))
+        for label, rnd in (("rec mosaic", True), ("rec mosaic no-round", False)):
+            rec_m = jax.jit(
+                lambda *a, rnd=rnd: km.fwd_rec_mgpu(
+                    *a, P=P, chunk=cfg.chunk, block_v=min(cfg.block_v, V), round_states=rnd
+                )
+            )
+            parts.append((label, rec_m, (qd, kd4, ebl, v, oi, s_in_t), mosaic_bytes))
     time_parts("split part", "fwd", parts if P > 1 else [p for p in parts if p[0] != "seg"], B=B, T=T, P=P)
 
 

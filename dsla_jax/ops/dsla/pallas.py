@@ -86,6 +86,29 @@ def _chain(h0, s_loc, decay):
     return jnp.stack(s_in, axis=1)
 
 
+def _gpu_fwd_split_mosaic(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret, keep):
+    """The split forward with its segment pass and recurrent kernel on Mosaic GPU (`GpuConfig(rec="mosaic")`):
+    the Triton intra kernel, then `pallas_gpu_rec_mgpu`'s kernels on kd's bfloat16 halves (written by the intra
+    kernel with split_dtype "kd-bf16x2", else split here by XLA), the states transposed ([V, K]) in them."""
+    from dsla_jax.ops.dsla import pallas_gpu as kg
+    from dsla_jax.ops.dsla import pallas_gpu_rec_mgpu as km
+
+    if keep and cfg.save_states:
+        raise ValueError("GpuConfig(rec='mosaic') does not store chunk states (save_states=True)")
+    qd, kd, ebl, oi, *a = kg.fwd_intra_gpu(q, k, v, g1, g2, w, scale=scale, cfg=cfg, interpret=interpret, scores=keep)
+    kd = kd if kd.shape[0] == 4 else km.split_kd(kd)
+    BH, K, V = h0.shape[0], h0.shape[-2], h0.shape[-1]
+    tiles = dict(chunk=cfg.chunk, block_v=min(cfg.block_v, V), interpret=interpret)
+    if P > 1:
+        s_loc = jnp.swapaxes(km.seg_states_mgpu(kd, ebl, v, P=P, count=P - 1, **tiles), -1, -2)
+        dec = jnp.prod(ebl.reshape(2, BH, P, -1, K)[:, :, : P - 1], axis=3)  # [2, BH, P - 1, K]
+        s_in = _chain(h0, s_loc, jnp.moveaxis(dec, 0, 2))
+    else:
+        s_in = h0.reshape(BH, 1, *h0.shape[1:])
+    o, s_T = km.fwd_rec_mgpu(qd, kd, ebl, v, oi, jnp.swapaxes(s_in, -1, -2), P=P, **tiles)
+    return o.astype(q.dtype), jnp.swapaxes(s_T[:, P - 1], -1, -2), s_in, ((a[0], None) if keep else None)
+
+
 def _gpu_fwd(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret, for_grad=False):
     """Forward on the padded, head-expanded problem. h0: [B * H, 2, K, V]. Returns (o, s_T, s_in, saved): saved is
     None, or (A, hs) for the split backward when for_grad: A the mixed intra-chunk scores its dv kernel reads, hs
@@ -106,6 +129,8 @@ def _gpu_fwd(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret, for_grad=False
         raise ValueError(
             "GpuConfig(rec='mosaic') needs the split forward (fwd='split') with split_dtype 'float32' or 'kd-bf16x2'"
         )
+    if cfg.fwd == "split" and cfg.rec == "mosaic":
+        return _gpu_fwd_split_mosaic(q, k, v, g1, g2, w, h0, scale=scale, cfg=cfg, P=P, interpret=interpret, keep=keep)
     if cfg.fwd == "split":
         qd, kd, ebl, oi, *a = kg.fwd_intra_gpu(
             q, k, v, g1, g2, w, scale=scale, cfg=cfg, interpret=interpret, scores=keep
@@ -116,26 +141,6 @@ def _gpu_fwd(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret, for_grad=False
         else:
             s_in = h0.reshape(BH, 1, *h0.shape[1:])
         save = keep and cfg.save_states
-        if cfg.rec == "mosaic":
-            from dsla_jax.ops.dsla import pallas_gpu_rec_mgpu as km
-
-            if save:
-                raise ValueError("GpuConfig(rec='mosaic') does not store chunk states (save_states=True)")
-            # kd-bf16x2: the intra kernel wrote the bfloat16 halves; float32: split here by XLA
-            kd = kd if kd.shape[0] == 4 else km.split_kd(kd)
-            o, s_T = km.fwd_rec_mgpu(
-                qd,
-                kd,
-                ebl,
-                v,
-                oi,
-                jnp.swapaxes(s_in, -1, -2),
-                P=P,
-                chunk=cfg.chunk,
-                block_v=min(cfg.block_v, v.shape[-1]),
-                interpret=interpret,
-            )
-            return o.astype(q.dtype), jnp.swapaxes(s_T[:, P - 1], -1, -2), s_in, ((a[0], None) if keep else None)
         o, s_T, *hs = kg.fwd_rec_gpu(qd, kd, ebl, v, oi, s_in, cfg=cfg, P=P, interpret=interpret, save_states=save)
         return o.astype(q.dtype), s_T[:, P - 1], s_in, ((a[0], hs[0] if save else None) if keep else None)
     if cfg.fwd == "onepass":

@@ -38,6 +38,7 @@ def fwd_rec_mgpu(
     P: int,
     chunk: int = 64,
     block_v: int = 64,
+    round_states: bool = True,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """o and each segment's final states from the split intra kernel's outputs (all segments in parallel).
@@ -51,6 +52,8 @@ def fwd_rec_mgpu(
         oi: [B * H, T, V] float32 intra-chunk outputs.
         s_in_t: [B * H, P, 2, V, K] float32 states entering each segment, transposed.
         P: segments; chunk: BT (64: WGMMA rows); block_v: BV (64).
+        round_states: round the states to tf32 to nearest where the output matmul reads them (else the tensor
+            cores truncate them).
 
     Returns:
         o [B, T, H, V] in v's dtype and the segments' final states, transposed [B * H, P, 2, V, K] float32.
@@ -72,24 +75,7 @@ def fwd_rec_mgpu(
     sw32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))  # float32 rows: 32 elements = 128 bytes
     sw16 = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # 16-bit rows: 64 elements
 
-    def ld(ref, layout):
-        return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
-
-    def mma(init, pairs):
-        """init + sum of a @ b over (a, b) in pairs, each operand a shared-memory ref or ("T", ref) for its
-        transpose: WGMMA into an accumulator that starts at init. The interpreter has neither `run_state` nor
-        transposed refs: there the products are float32 matmuls of the loaded tiles."""
-        if interpret:
-            val = lambda x: x[1][...].T if isinstance(x, tuple) else x[...]  # noqa: E731
-            hi = lax.Precision.HIGHEST
-            return init + sum(jnp.dot(val(a).astype(f32), val(b_).astype(f32), precision=hi) for a, b_ in pairs)
-        ref = lambda x: plgpu.transpose_ref(x[1], (1, 0)) if isinstance(x, tuple) else x  # noqa: E731
-
-        def products(acc_ref):
-            for a, b_ in pairs:
-                plgpu.wgmma(acc_ref, ref(a), ref(b_))
-
-        return pl.run_state(products)(plgpu.ACC.init(init))
+    ld, mma = _ops(interpret)
 
     def body(qd_ref, kd_ref, ebl_ref, v_ref, oi_ref, sin_ref, o_ref, sout_ref, *scratch):
         qd_sm, kdh_sm, kdl_sm, e_sm, v_sm, oi_sm, st_sm, o_sm, bar = scratch
@@ -152,8 +138,9 @@ def fwd_rec_mgpu(
             def _():
                 fetch_k(c + 1)
 
-            st_sm.at[0][...] = round_tf32(s1)  # the next chunk's output matmul reads them here, as tf32: rounded
-            st_sm.at[1][...] = round_tf32(s2)  # to nearest (the tensor cores would drop the low bits)
+            rnd = round_tf32 if round_states else (lambda x: x)
+            st_sm.at[0][...] = rnd(s1)  # the next chunk's output matmul reads them here, as tf32: rounded
+            st_sm.at[1][...] = rnd(s2)  # to nearest (the tensor cores would drop the low bits)
             plgpu.commit_smem()
             return s1, s2
 
@@ -186,6 +173,131 @@ def fwd_rec_mgpu(
         compiler_params=lane_semantics(),
     )
     return kernel(qd, kd, ebl, v, oi, s_in_t)
+
+
+def _ops(interpret: bool):
+    """(ld, mma) for the kernels here. ld(ref, layout): a shared-memory tile into registers in a layout.
+    mma(init, pairs): init + sum of a @ b over (a, b) in pairs, each operand a shared-memory ref or ("T", ref) for
+    its transpose: WGMMA into an accumulator that starts at init. The interpreter has neither `plgpu.load`,
+    `run_state` nor transposed refs: there tiles are read with `ref[...]` and the products are float32 matmuls."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def ld(ref, layout):
+        return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
+
+    def mma(init, pairs):
+        if interpret:
+            val = lambda x: x[1][...].T if isinstance(x, tuple) else x[...]  # noqa: E731
+            hi = lax.Precision.HIGHEST
+            return init + sum(jnp.dot(val(a).astype(f32), val(b_).astype(f32), precision=hi) for a, b_ in pairs)
+        ref = lambda x: plgpu.transpose_ref(x[1], (1, 0)) if isinstance(x, tuple) else x  # noqa: E731
+
+        def products(acc_ref):
+            for a, b_ in pairs:
+                plgpu.wgmma(acc_ref, ref(a), ref(b_))
+
+        return pl.run_state(products)(plgpu.ACC.init(init))
+
+    return ld, mma
+
+
+def seg_states_mgpu(
+    kd: jax.Array,
+    ebl: jax.Array,
+    v: jax.Array,
+    *,
+    P: int,
+    count: int,
+    chunk: int = 64,
+    block_v: int = 64,
+    interpret: bool = False,
+) -> jax.Array:
+    """Per-segment state summaries from zero for segments 0 .. count - 1 (the split forward's segment pass, the
+    state update of `fwd_rec_mgpu` alone: no queries, no outputs; the segments' total decays are products of ebl,
+    left to the caller).
+
+    Args:
+        kd: [4, B * H, T, K] bfloat16 halves of the decayed keys (as `fwd_rec_mgpu`); ebl: [2, B * H, N, K]
+            float32; v: [B, T, H, V] 16-bit.
+
+    Returns:
+        summaries, transposed: [B * H, count, 2, V, K] float32.
+    """
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    B, T, H, V = v.shape
+    K = kd.shape[-1]
+    BT, BV = chunk, block_v
+    if BT != 64 or V % BV or BV % 64 or K % 64 or T % (P * BT) or jnp.dtype(v.dtype).itemsize != 2:
+        raise ValueError("the Mosaic GPU segment pass needs chunk 64, BV % 64 == 0, K % 64 == 0, 16-bit v")
+    NC = T // (P * BT)
+    acc = plgpu.Layout.WGMMA
+    sw32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+    sw16 = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    ld, mma = _ops(interpret)
+
+    def body(kd_ref, ebl_ref, v_ref, sout_ref, kdh_sm, kdl_sm, e_sm, v_sm, st_sm, bar):
+        iv, bh, p = lax.axis_index("iv"), lax.axis_index("bh"), lax.axis_index("p")
+        b, h = lax.div(bh, H), lax.rem(bh, H)
+        vs = pl.ds(iv * BV, BV)
+
+        def fetch(c):  # barriers as in `fwd_rec_mgpu`: one copy each
+            ts = pl.ds(c * BT, BT)
+            for s in range(2):
+                plgpu.copy_gmem_to_smem(kd_ref.at[2 * s, bh, ts], kdh_sm.at[s], bar.at[s])
+                plgpu.copy_gmem_to_smem(kd_ref.at[2 * s + 1, bh, ts], kdl_sm.at[s], bar.at[2 + s])
+            plgpu.copy_gmem_to_smem(v_ref.at[b, ts, h, vs], v_sm, bar.at[4])
+            plgpu.copy_gmem_to_smem(ebl_ref.at[:, bh, c], e_sm, bar.at[5])
+
+        c0 = p * NC
+        fetch(c0)
+        zero = jnp.zeros((BV, K), f32)
+        zero = zero if interpret else plgpu.layout_cast(zero, acc)
+
+        def step(n, carry):
+            s1, s2 = carry
+            for i in range(6):
+                plgpu.barrier_wait(bar.at[i])
+            e1 = lax.broadcast_in_dim(ld(e_sm.at[0], acc.reduce(0)), (BV, K), [1])
+            e2 = lax.broadcast_in_dim(ld(e_sm.at[1], acc.reduce(0)), (BV, K), [1])
+            vt = ("T", v_sm)
+            s1 = mma(s1 * e1, [(vt, kdh_sm.at[0]), (vt, kdl_sm.at[0])])
+            s2 = mma(s2 * e2, [(vt, kdh_sm.at[1]), (vt, kdl_sm.at[1])])
+
+            @pl.when(n + 1 < NC)
+            def _():
+                fetch(c0 + n + 1)
+
+            return s1, s2
+
+        for s, st in enumerate(lax.fori_loop(0, NC, step, (zero, zero))):  # one staging tile, a state at a time
+            if s:
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            st_sm[...] = st
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(st_sm, sout_ref.at[bh, p, s, vs])
+        plgpu.wait_smem_to_gmem(0)
+
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((B * H, count, 2, V, K), f32),
+        grid=(V // BV, B * H, count),
+        grid_names=("iv", "bh", "p"),
+        scratch_types=[
+            plgpu.SMEM((2, BT, K), kd.dtype, transforms=sw16),
+            plgpu.SMEM((2, BT, K), kd.dtype, transforms=sw16),
+            plgpu.SMEM((2, K), f32),
+            plgpu.SMEM((BT, BV), v.dtype, transforms=sw16),
+            plgpu.SMEM((BV, K), f32, transforms=sw32),
+            plgpu.Barrier(num_barriers=6),
+        ],
+        interpret=_interpret_params() if interpret else None,
+        kernel_name="dsla_seg_states_mgpu",
+        compiler_params=lane_semantics(),
+    )
+    return kernel(kd, ebl, v)
 
 
 def split_kd(kd: jax.Array) -> jax.Array:
