@@ -318,6 +318,9 @@ QUICK_FWD = (
     "split C64 V64 w8 iw4 K32",
     "split C64 V64 w4 iw4 K32",
     "split C64 V64 w8 kd-bf16",
+    "split default (auto: mosaic)",
+    "split default rec-triton",
+    "split default mosaic f32-store",
 )
 QUICK_BWD = (
     "bwd split C64 V32 w8",
@@ -365,6 +368,7 @@ def sweep_variants():
         split_dtype="float32",
         state_dot="tf32",
         intra_dot="tf32",
+        rec="triton",  # the labels below keep their meaning (v5-v8: Triton segment pass and recurrent kernel)
     )
     for label, upd in [
         ("split C64 V64 w8", {}),
@@ -390,9 +394,10 @@ def sweep_variants():
         ("split C64 V64 w4 iw4 K32", dict(intra_num_warps=4, block_k=32, rec_num_warps=4)),
     ]:
         out.append((label, {**split, **upd}))
-    # v9: the recurrent kernel on Mosaic GPU (WGMMA, TMA), on the current defaults
-    out.append(("split default rec-mosaic", dict(rec="mosaic")))
-    out.append(("split default", {}))
+    # v9: the segment pass and recurrent kernel on Mosaic GPU (WGMMA, TMA), beside Triton's, on the defaults
+    out.append(("split default (auto: mosaic)", {}))
+    out.append(("split default rec-triton", dict(rec="triton")))
+    out.append(("split default mosaic f32-store", dict(rec="mosaic")))
     # v8, measured slower (3.4 ms against 1.6 at B1 T8192 on an H200): the sequential kernel recomputes the decays
     for label, upd in [
         ("onepass C64 V64 w8 K32", dict(fwd="onepass")),
@@ -472,12 +477,24 @@ def bwd_variants():
     matmuls only), 3xtf32: 3-pass everywhere; cs-dot: gate cumsums by a 0/1 matmul instead of a scan; sK32: 32-key
     tiles in the state passes, sw4: 4 warps there (rw4 also sets the forward's recurrent kernels)."""
     split = dict(
-        chunk=64, block_v=64, bwd="split", bwd_chunk=64, grads_block_v=32, grads_num_warps=8, grads_cumsum="scan",
-        bwd_state_dot="tf32", dv_block_v=64, dv_num_warps=4, dqk_intra_num_warps=4, states_block_k=None,
+        chunk=64,
+        block_v=64,
+        bwd="split",
+        bwd_chunk=64,
+        grads_block_v=32,
+        grads_num_warps=8,
+        grads_cumsum="scan",
+        bwd_state_dot="tf32",
+        dv_block_v=64,
+        dv_num_warps=4,
+        dqk_intra_num_warps=4,
+        states_block_k=None,
         states_num_warps=None,
-    )  # fmt: skip
-    fused = dict(chunk=64, block_v=64, bwd="fused", bwd_chunk=32, bwd_num_warps=8, bwd_state_dot=None)
+        rec="triton",
+    )  # fmt: skip  (rec: the forward part as in v6-v8, so the labels keep their meaning)
+    fused = dict(chunk=64, block_v=64, bwd="fused", bwd_chunk=32, bwd_num_warps=8, bwd_state_dot=None, rec="triton")
     return [
+        ("bwd default (auto)", {}),
         ("bwd split C64 V32 w8", split),
         ("bwd split C64 V32 w4", {**split, "grads_num_warps": 4}),
         ("bwd split C64 V32 w4 dot", {**split, "grads_num_warps": 4, "grads_cumsum": "dot"}),

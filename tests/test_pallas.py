@@ -290,6 +290,27 @@ def test_mosaic_recurrent_kernel_interpret(case):
         pallas_fn("gpu", chunk, cfg)(*f32_args)
 
 
+def test_rec_auto_resolution():
+    """`GpuConfig.rec="auto"` picks the Mosaic GPU kernels (and kd's bfloat16 halves) only where they apply."""
+    from dsla_jax.ops.dsla.pallas import resolve_rec
+
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    got = resolve_rec(GpuConfig(), bf16, 128, 128, mosaic=True)
+    assert (got.rec, got.split_dtype) == ("mosaic", "kd-bf16x2")
+    for cfg, dtype, K, V, mosaic in [
+        (GpuConfig(), bf16, 128, 128, False),  # not a Hopper card / interpret mode
+        (GpuConfig(), f32, 128, 128, True),  # float32 inputs: v is not exact in bfloat16
+        (GpuConfig(), bf16, 32, 128, True),  # key dim below the WGMMA tile
+        (GpuConfig(chunk=32), bf16, 128, 128, True),
+        (GpuConfig(save_states=True), bf16, 128, 128, True),
+        (GpuConfig(split_dtype="bfloat16"), bf16, 128, 128, True),
+    ]:
+        got = resolve_rec(cfg, dtype, K, V, mosaic=mosaic)
+        assert got.rec == "triton" and got.split_dtype == cfg.split_dtype
+    explicit = GpuConfig(rec="mosaic")
+    assert resolve_rec(explicit, f32, 32, 32, mosaic=False) is explicit
+
+
 def test_mosaic_recurrent_kernel_lowers():
     """The Mosaic GPU recurrent kernel lowers for CUDA on any host, beside the Triton kernels of the split forward."""
     args = make_inputs(3, 1, 512, 2, 2, 128, 128, jnp.bfloat16)
@@ -604,6 +625,15 @@ def test_gpu_compiled_other_forwards(case, fwd):
     dot = "ieee" if dtype == jnp.float32 else "tf32"
     cfg = GpuConfig(fwd=fwd, state_dot=dot, intra_dot=dot)
     check_against_oracle(pallas_fn("gpu", 64, cfg, interpret=False), args, dtype, with_grads=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+def test_gpu_compiled_triton_recurrent():
+    """The Triton segment pass and recurrent kernel on the bfloat16 case, where "auto" now picks Mosaic GPU."""
+    B, T, H, Hk, K, V, dtype, gates = GPU_BIG[0]
+    args = make_inputs(T, B, T, H, Hk, K, V, dtype, gates)
+    check_against_oracle(pallas_fn("gpu", 64, GpuConfig(rec="triton"), interpret=False), args, dtype)
 
 
 @pytest.mark.gpu

@@ -331,6 +331,28 @@ def _gpu_config(chunk_size: int, config, dtype):
     return config
 
 
+def resolve_rec(cfg, dtype, K: int, V: int, *, mosaic: bool):
+    """`GpuConfig.rec="auto"` made concrete: the Mosaic GPU segment pass and recurrent kernel (with the intra
+    kernel writing kd's bfloat16 halves) where they apply and `mosaic` allows them (a Hopper or newer card, not
+    interpret mode), else the Triton ones. Explicit choices pass through."""
+    import dataclasses
+
+    if cfg.rec != "auto":
+        return cfg
+    fits = (
+        cfg.fwd == "split"
+        and cfg.chunk == 64
+        and jnp.dtype(dtype).itemsize == 2
+        and K % 64 == 0
+        and min(cfg.block_v, V) % 64 == 0
+        and cfg.split_dtype in ("float32", "kd-bf16x2")
+        and not cfg.save_states
+    )
+    if mosaic and fits:
+        return dataclasses.replace(cfg, rec="mosaic", split_dtype="kd-bf16x2")
+    return dataclasses.replace(cfg, rec="triton")
+
+
 def _tpu_config(chunk_size: int, config):
     from dsla_jax.ops.dsla.pallas_tpu import TpuConfig
 
@@ -398,7 +420,9 @@ def dsla_attention_pallas(
                 ' use impl="xla"'
             )
 
-        cfg = _gpu_config(chunk_size, config, q.dtype)
+        cfg = resolve_rec(
+            _gpu_config(chunk_size, config, q.dtype), q.dtype, K, V, mosaic=not interpret and _hopper_or_newer()
+        )
         BT = cfg.chunk
         n_chunks = math.ceil(T / BT)
         P = cfg.num_segments or pick_segments(B * H, n_chunks, V // min(cfg.fwd_block_v, V))
