@@ -1,0 +1,7 @@
+set -uo pipefail
+export PYTHONPATH=.
+nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/card.txt
+python3 -m pip install -q --no-index --no-deps --target /tmp/fla .whl/fla*.whl .whl/flash_linear*.whl 2>&1 | tail -2
+export PYTHONPATH="$PYTHONPATH:/tmp/fla"
+timeout 250 python3 -m bench.kernels --shapes B4T8192,B1T2048,B8T2048 --out "$OUT/table_B4T8192_B1T2048_B8T2048.json" 2>&1 | tee "$OUT/table_3.log" | grep "^|"
+timeout 300 python3 -m bench.kernels --shapes B1T8192 --fla-bwd --no-xla --out "$OUT/table_B1T8192_flabwd.json" 2>&1 | tee "$OUT/table_flabwd.log" | grep "^|"
