@@ -377,7 +377,24 @@ def _dv_kernel(a_ref, k_ref, do_ref, g1_ref, g2_ref, dl_ref, e_ref, dend_ref, dv
 
 
 def bwd_grads_gpu(
-    w, q, k, v, do, g1, g2, hs, dl, e, ds_end, a, *, scale: float, cfg: GpuConfig, P: int, interpret=False
+    w,
+    q,
+    k,
+    v,
+    do,
+    g1,
+    g2,
+    hs,
+    dl,
+    e,
+    ds_end,
+    a,
+    *,
+    scale: float,
+    cfg: GpuConfig,
+    P: int,
+    interpret=False,
+    kv_f32: bool = False,
 ):
     """Every input gradient, every chunk in parallel, from `chunk_states_gpu`'s per-chunk states (two kernels: dq / dk
     / dg per key tile, dv per value tile).
@@ -389,9 +406,12 @@ def bwd_grads_gpu(
         [B * H, P, 2, K, V] adjoints of the states leaving each segment (`chain_adjoints`); a: [B * H, T, BT] the
         forward's mixed intra-chunk scores (`pallas_gpu.fwd_intra_gpu`, its chunk = bwd_chunk); all float32.
 
+        kv_f32: dk, dv, dg1, dg2 in float32 (grouped heads: the caller sums each kv head's G gradients before one
+            rounding to the input dtype).
+
     Returns:
-        dq, dk [B, T, H, K] and dv [B, T, H, V] in q's dtype, dg1, dg2 [B, T, H, K] in g1's dtype, and per-chunk
-        pieces of the mix gradient [2, B * H, N, K] float32 (dw_s is their sum).
+        dq, dk [B, T, H, K] and dv [B, T, H, V] in q's dtype, dg1, dg2 [B, T, H, K] in g1's dtype (dk, dv, dg1, dg2
+        float32 with kv_f32), and per-chunk pieces of the mix gradient [2, B * H, N, K] float32 (dw_s is their sum).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -435,9 +455,9 @@ def bwd_grads_gpu(
         functools.partial(_dqk_kernel, cum_dot=cum_dot, order=cfg.grads_order, **kw),
         out_shape=(
             jax.ShapeDtypeStruct((B, T, H, K), q.dtype),
-            jax.ShapeDtypeStruct((B, T, H, K), q.dtype),
-            jax.ShapeDtypeStruct((B, T, H, K), g1.dtype),
-            jax.ShapeDtypeStruct((B, T, H, K), g1.dtype),
+            jax.ShapeDtypeStruct((B, T, H, K), f32 if kv_f32 else q.dtype),
+            jax.ShapeDtypeStruct((B, T, H, K), f32 if kv_f32 else g1.dtype),
+            jax.ShapeDtypeStruct((B, T, H, K), f32 if kv_f32 else g1.dtype),
             jax.ShapeDtypeStruct((2, B * H, N, K), f32),
         ),
         grid=(K // BK, B * H, N),
@@ -447,7 +467,7 @@ def bwd_grads_gpu(
     )(w, q, k, v, do, g1, g2, hs, dl, e, ds_end, *intra)
     dv = pl.pallas_call(
         functools.partial(_dv_kernel, H=H, BT=BT, BK=min(cfg.dv_block_k or BK, K), BV=BVd, NC=NC, nm=nm),
-        out_shape=jax.ShapeDtypeStruct((B, T, H, V), q.dtype),
+        out_shape=jax.ShapeDtypeStruct((B, T, H, V), f32 if kv_f32 else q.dtype),
         grid=(V // BVd, B * H, N),
         compiler_params=dv_params,
         interpret=interpret,
