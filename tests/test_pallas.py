@@ -316,10 +316,13 @@ def test_mosaic_recurrent_kernel_lowers():
     """The Mosaic GPU recurrent kernel lowers for CUDA on any host, beside the Triton kernels of the split forward."""
     args = make_inputs(3, 1, 512, 2, 2, 128, 128, jnp.bfloat16)
     cfg = GpuConfig(rec="mosaic", num_segments=2, split_dtype="kd-bf16x2")  # both Mosaic kernels
-    text = (
-        jax.jit(pallas_fn("gpu", 64, cfg, interpret=False)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    )
+    fn = pallas_fn("gpu", 64, cfg, interpret=False)
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 2
+    # Under differentiation the backward's state pass is a third Mosaic kernel (`bwd_states_mosaic`).
+    loss = lambda *a: fn(*a)[0].astype(jnp.float32).sum()  # noqa: E731
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "dsla_chunk_states_mgpu" in text
 
 
 def _kernel_primitives(fn, args) -> dict[str, set[str]]:

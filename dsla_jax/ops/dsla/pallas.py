@@ -106,7 +106,8 @@ def _gpu_fwd_split_mosaic(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret, k
     else:
         s_in = h0.reshape(BH, 1, *h0.shape[1:])
     o, s_T = km.fwd_rec_mgpu(qd, kd, ebl, v, oi, jnp.swapaxes(s_in, -1, -2), P=P, **tiles)
-    return o.astype(q.dtype), jnp.swapaxes(s_T[:, P - 1], -1, -2), s_in, ((a[0], None) if keep else None)
+    saved = (a[0], None, (kd, ebl) if cfg.bwd_states_mosaic else None) if keep else None
+    return o.astype(q.dtype), jnp.swapaxes(s_T[:, P - 1], -1, -2), s_in, saved
 
 
 def _gpu_fwd(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret, for_grad=False):
@@ -190,12 +191,18 @@ def _gpu_bwd_split(res, do, ds_T, *, scale, cfg, P, interpret, kv_f32=False):
     from dsla_jax.ops.dsla import pallas_gpu_bwd as kb
 
     q, k, v, g1, g2, w, s_in, _, saved = res
-    a, hs = saved if saved is not None else (None, None)
+    a, hs, mosaic_res = (saved + (None,))[:3] if saved is not None else (None, None, None)
     if a is None:  # the scores at the backward's chunk size
         a = kg.fwd_intra_gpu(
             q, k, v, g1, g2, w, scale=scale, cfg=replace(cfg, chunk=cfg.bwd_chunk), interpret=interpret
         )[-1]
     kw = dict(scale=scale, cfg=cfg, P=P, interpret=interpret)
+    if hs is None and mosaic_res is not None:  # from the Mosaic forward's kd halves (`GpuConfig.bwd_states_mosaic`)
+        from dsla_jax.ops.dsla import pallas_gpu_rec_mgpu as km
+
+        kd, ebl = mosaic_res
+        bv = min(cfg.block_v, v.shape[-1])
+        hs = km.chunk_states_mgpu(kd, ebl, v, s_in, P=P, chunk=cfg.chunk, block_v=bv, interpret=interpret)
     if hs is None:  # the states entering every chunk, unless the forward stored them
         hs, _ = kb.chunk_states_gpu(w, k, v, g1, g2, s_in, reverse=False, **kw)
     dl, e, send, dend = kb.chunk_states_gpu(w, q, do, g1, g2, None, reverse=True, **kw)

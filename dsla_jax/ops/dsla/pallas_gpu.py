@@ -85,6 +85,9 @@ class GpuConfig:
             "kd-bf16x2" has the intra kernel write them) or "auto" (default): "mosaic" with split_dtype "kd-bf16x2"
             where it applies (not in interpret mode), else "triton". B1 T8192 H32 D128 bf16 on an H200, same call:
             forward 1.59 -> 1.30 ms (T32768 5.77 -> 4.76, B4 T8192 5.69 -> 4.41), same error against XLA (v9).
+        bwd_states_mosaic: with rec "mosaic", the split backward's state pass runs on Mosaic GPU
+            (`pallas_gpu_rec_mgpu.chunk_states_mgpu`) from the forward's kd halves and exp(bL), kept as residuals
+            (8 bytes per token, head and key channel: 0.27 GB at B1 T8192 H32 D128) instead of recomputing decays.
         split_dtype: storage of the split form's decayed queries and keys: "float32" (both), "bfloat16" (both) or
             "kd-bfloat16" (keys only: they feed the states; the queries feed the outputs directly) or "kd-bf16x2"
             (keys as two bfloat16 halves, queries rounded to tf32: the Mosaic GPU kernels' operands).
@@ -191,6 +194,7 @@ class GpuConfig:
     rec_num_warps: int = 8
     rec_num_stages: int = 1
     rec: str = "auto"
+    bwd_states_mosaic: bool = True
     onepass_block_k: int = 32
     onepass_block_v: int = 64
     onepass_num_warps: int = 8

@@ -300,6 +300,108 @@ def seg_states_mgpu(
     return kernel(kd, ebl, v)
 
 
+def chunk_states_mgpu(
+    kd: jax.Array,
+    ebl: jax.Array,
+    v: jax.Array,
+    s_in: jax.Array,
+    *,
+    P: int,
+    chunk: int = 64,
+    block_v: int = 64,
+    interpret: bool = False,
+) -> jax.Array:
+    """The state entering every chunk (the split backward's state pass, `pallas_gpu_bwd.chunk_states_gpu` forward,
+    from the forward's kd halves and ebl instead of recomputing the decays): S_s [K, BV] as WGMMA accumulators in
+    their natural layout (the token contraction kd_s^T v reads both bfloat16 operands transposed, which 16-bit WGMMA
+    allows), each chunk's entering states stored by TMA while the next update runs.
+
+    Args:
+        kd: [4, B * H, T, K] bfloat16 halves (as `fwd_rec_mgpu`); ebl: [2, B * H, N, K] float32; v: [B, T, H, V]
+            16-bit; s_in: [B * H, P, 2, K, V] float32 states entering each segment.
+
+    Returns:
+        [2, B * H, N, K, V] float32: the states entering every chunk.
+    """
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    B, T, H, V = v.shape
+    K = kd.shape[-1]
+    BT, BV = chunk, block_v
+    if BT != 64 or V % BV or BV % 64 or K % 64 or T % (P * BT) or jnp.dtype(v.dtype).itemsize != 2:
+        raise ValueError("the Mosaic GPU state pass needs chunk 64, BV % 64 == 0, K % 64 == 0, 16-bit v")
+    NC, N = T // (P * BT), T // BT
+    acc = plgpu.Layout.WGMMA
+    sw32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+    sw16 = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    ld, mma = _ops(interpret)
+
+    def body(kd_ref, ebl_ref, v_ref, sin_ref, hs_ref, kdh_sm, kdl_sm, e_sm, v_sm, st_sm, bar):
+        iv, bh, p = lax.axis_index("iv"), lax.axis_index("bh"), lax.axis_index("p")
+        b, h = lax.div(bh, H), lax.rem(bh, H)
+        vs = pl.ds(iv * BV, BV)
+
+        def fetch(c):  # one copy per barrier
+            ts = pl.ds(c * BT, BT)
+            for s in range(2):
+                plgpu.copy_gmem_to_smem(kd_ref.at[2 * s, bh, ts], kdh_sm.at[s], bar.at[s])
+                plgpu.copy_gmem_to_smem(kd_ref.at[2 * s + 1, bh, ts], kdl_sm.at[s], bar.at[2 + s])
+            plgpu.copy_gmem_to_smem(v_ref.at[b, ts, h, vs], v_sm, bar.at[4])
+            plgpu.copy_gmem_to_smem(ebl_ref.at[:, bh, c], e_sm, bar.at[5])
+
+        c0 = p * NC
+        for s in range(2):
+            plgpu.copy_gmem_to_smem(sin_ref.at[bh, p, s, :, vs], st_sm.at[s], bar.at[6 + s])
+        fetch(c0)
+        plgpu.barrier_wait(bar.at[6])
+        plgpu.barrier_wait(bar.at[7])
+        carry0 = (ld(st_sm.at[0], acc), ld(st_sm.at[1], acc))
+
+        def step(n, carry):
+            c = c0 + n
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's states have left st_sm
+            for s in range(2):
+                st_sm.at[s][...] = carry[s]
+            plgpu.commit_smem()
+            for s in range(2):
+                plgpu.copy_smem_to_gmem(st_sm.at[s], hs_ref.at[s, bh, c, :, vs])
+            for i in range(6):
+                plgpu.barrier_wait(bar.at[i])
+            new = []
+            for s in range(2):
+                e = lax.broadcast_in_dim(ld(e_sm.at[s], acc.reduce(1)), (K, BV), [0])
+                new.append(mma(carry[s] * e, [(("T", kdh_sm.at[s]), v_sm), (("T", kdl_sm.at[s]), v_sm)]))
+
+            @pl.when(n + 1 < NC)
+            def _():
+                fetch(c + 1)
+
+            return tuple(new)
+
+        lax.fori_loop(0, NC, step, carry0)
+        plgpu.wait_smem_to_gmem(0)
+
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((2, B * H, N, K, V), f32),
+        grid=(V // BV, B * H, P),
+        grid_names=("iv", "bh", "p"),
+        scratch_types=[
+            plgpu.SMEM((2, BT, K), kd.dtype, transforms=sw16),
+            plgpu.SMEM((2, BT, K), kd.dtype, transforms=sw16),
+            plgpu.SMEM((2, K), f32),
+            plgpu.SMEM((BT, BV), v.dtype, transforms=sw16),
+            plgpu.SMEM((2, K, BV), f32, transforms=sw32),
+            plgpu.Barrier(num_barriers=8),
+        ],
+        interpret=_interpret_params() if interpret else None,
+        kernel_name="dsla_chunk_states_mgpu",
+        compiler_params=lane_semantics(),
+    )
+    return kernel(kd, ebl, v, s_in)
+
+
 def split_kd(kd: jax.Array) -> jax.Array:
     """[2, ...] float32 decayed keys as [4, ...] bfloat16 planes (hi, lo per state) whose float32 sums are kd to
     ~2^-16 relative (what the intra kernel writes itself with `GpuConfig.split_dtype="kd-bf16x2"`)."""
