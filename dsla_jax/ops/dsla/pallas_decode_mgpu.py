@@ -30,10 +30,13 @@ def lane_semantics():
 
 
 def _interpret_params():
-    """Mosaic GPU interpret parameters (private in JAX 0.10 / 0.11: imported where the tests need them)."""
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    """Mosaic GPU interpret parameters: public as `plgpu.InterpretGPUParams` from JAX 0.11, private in 0.10."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    return InterpretGPUParams()
+    params = getattr(plgpu, "InterpretGPUParams", None)
+    if params is None:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
+    return params()
 
 
 def decode_step_mgpu(
