@@ -649,7 +649,8 @@ def config_from_sweep(path: str):
         kw.update({k: v for k, v in bk.items() if k.startswith(BWD_KEY_PREFIXES) or k in BWD_KEYS})
         if bk.get("cumsum") and kw.get("cumsum") != bk["cumsum"]:  # one cumsum for both passes: the backward's wins
             kw["cumsum"] = bk["cumsum"]
-        kw.update(bwd_chunk=min(bk["bwd_chunk"], kw["chunk"]))
+        d = GpuConfig()  # the "default" variants name no fields
+        kw.update(bwd_chunk=min(bk.get("bwd_chunk", d.bwd_chunk), kw.get("chunk", d.chunk)))
     cfg = GpuConfig(**{k: v for k, v in kw.items() if k != "num_segments"})
     log(f"config from sweep: {cfg}")
     return cfg
