@@ -88,6 +88,7 @@ class GpuConfig:
         bwd_states_mosaic: with rec "mosaic", the split backward's state pass runs on Mosaic GPU
             (`pallas_gpu_rec_mgpu.chunk_states_mgpu`) from the forward's kd halves and exp(bL), kept as residuals
             (8 bytes per token, head and key channel: 0.27 GB at B1 T8192 H32 D128) instead of recomputing decays.
+            On an H200 at B1 T8192: the pass 0.90 -> 0.34 ms, forward + backward 7.01 -> 6.47 ms (v9, call 12).
         split_dtype: storage of the split form's decayed queries and keys: "float32" (both), "bfloat16" (both) or
             "kd-bfloat16" (keys only: they feed the states; the queries feed the outputs directly) or "kd-bf16x2"
             (keys as two bfloat16 halves, queries rounded to tf32: the Mosaic GPU kernels' operands).

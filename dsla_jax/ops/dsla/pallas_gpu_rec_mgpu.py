@@ -1,5 +1,10 @@
-"""The split forward's recurrent kernel as a Mosaic GPU kernel (`GpuConfig(rec="mosaic")`): the Triton
-`pallas_gpu.fwd_rec_gpu`'s per-chunk work on tensor cores through WGMMA, with explicit TMA copies.
+"""Mosaic GPU kernels for the DSLA split form's sequential passes (`GpuConfig(rec="mosaic")`, picked by "auto" on
+Hopper): `fwd_rec_mgpu` (the forward's recurrent kernel, Triton twin `pallas_gpu.fwd_rec_gpu`), `seg_states_mgpu`
+(the forward's segment pass, twin `pallas_gpu.seg_states_split_gpu`) and `chunk_states_mgpu` (the backward's state
+pass, twin `pallas_gpu_bwd.chunk_states_gpu`): the per-chunk work on tensor cores through WGMMA, with explicit TMA
+copies. Measured against the twins in `docs/benchmarks.md` (v9).
+
+The recurrent kernel:
 
 Per program (value tile of BV columns, batch x head, segment), one warpgroup walks the segment's chunks with both
 states transposed in registers, S_s^T [BV, K] float32 (WGMMA accumulators), and per chunk:
