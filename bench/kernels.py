@@ -266,45 +266,41 @@ def decode_rows(B=64, interpret=False, sweep=False):
         record(impl="xla decode", B=B, T=1, pass_="decode", ms=ms, TBps=state_bytes / ms / 1e9)
     except Exception as e:
         record(impl="xla decode", B=B, T=1, pass_="decode", error=f"{type(e).__name__}: {str(e)[:300]}")
+
+    def time_variant(name, f):  # one Pallas variant: its state error against XLA, time and state TB/s
+        try:
+            out = f(q, k, v, g1, g2, mix, s)
+            err = rel_err(ref[1][0], out[1][0]) if ref is not None else None
+            ms = time_jax(f, q, k, v, g1, g2, mix, s)
+            record(impl=name, B=B, T=1, pass_="decode", ms=ms, TBps=state_bytes / ms / 1e9, err_vs_xla=err)
+        except Exception as e:
+            record(impl=name, B=B, T=1, pass_="decode", error=f"{type(e).__name__}: {str(e)[:300]}")
+
     variants = [(None, 4)]
     if sweep:
         variants = [(32, 8), (64, 4), (64, 8), (64, 16), (128, 8), (128, 16)]
     from dsla_jax.ops.dsla.pallas_decode import decode_step
 
     for bv, nw in variants:
-        name = "pallas decode" + ("" if bv is None else f" BV{bv} w{nw}")
-        try:
-            if bv is None:
-                f = jax.jit(lambda *a: dsla_decode_step_pallas(*a, interpret=interpret))
-            else:
-                f = jax.jit(
-                    lambda q, k, v, g1, g2, mix, s, bv=bv, nw=nw: decode_step(
-                        q, k, v, g1, g2, mix, s[0], s[1], scale=D**-0.5, backend="gpu", block_v=bv, num_warps=nw
-                    )
+        if bv is None:
+            f = jax.jit(lambda *a: dsla_decode_step_pallas(*a, interpret=interpret))
+        else:
+            f = jax.jit(
+                lambda q, k, v, g1, g2, mix, s, bv=bv, nw=nw: decode_step(
+                    q, k, v, g1, g2, mix, s[0], s[1], scale=D**-0.5, backend="gpu", block_v=bv, num_warps=nw
                 )
-            out = f(q, k, v, g1, g2, mix, s)
-            err = rel_err(ref[1][0], out[1][0]) if ref is not None else None
-            ms = time_jax(f, q, k, v, g1, g2, mix, s)
-            record(impl=name, B=B, T=1, pass_="decode", ms=ms, TBps=state_bytes / ms / 1e9, err_vs_xla=err)
-        except Exception as e:
-            record(impl=name, B=B, T=1, pass_="decode", error=f"{type(e).__name__}: {str(e)[:300]}")
+            )
+        time_variant("pallas decode" + ("" if bv is None else f" BV{bv} w{nw}"), f)
     # The same step as a Mosaic GPU kernel (TMA copies; `pallas_decode_mgpu`), GPU only.
     if interpret or jax.default_backend() != "gpu":
         return
     for bv in (None, 32, 128) if sweep else (None,):
-        name = "pallas decode mosaic" + ("" if bv is None else f" BV{bv}")
-        try:
-            f = jax.jit(
-                lambda q, k, v, g1, g2, mix, s, bv=bv: dsla_decode_step_pallas(
-                    q, k, v, g1, g2, mix, s, gpu_lowering="mosaic", block_v=bv
-                )
+        f = jax.jit(
+            lambda q, k, v, g1, g2, mix, s, bv=bv: dsla_decode_step_pallas(
+                q, k, v, g1, g2, mix, s, gpu_lowering="mosaic", block_v=bv
             )
-            out = f(q, k, v, g1, g2, mix, s)
-            err = rel_err(ref[1][0], out[1][0]) if ref is not None else None
-            ms = time_jax(f, q, k, v, g1, g2, mix, s)
-            record(impl=name, B=B, T=1, pass_="decode", ms=ms, TBps=state_bytes / ms / 1e9, err_vs_xla=err)
-        except Exception as e:
-            record(impl=name, B=B, T=1, pass_="decode", error=f"{type(e).__name__}: {str(e)[:300]}")
+        )
+        time_variant("pallas decode mosaic" + ("" if bv is None else f" BV{bv}"), f)
 
 
 # ----------------------------------------------------------------------------------------------------------------

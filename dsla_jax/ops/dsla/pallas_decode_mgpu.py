@@ -7,8 +7,7 @@ Per program (batch x kv head, value tile of BV columns), one warpgroup:
 The state tiles are held in registers in the WGMMA layout (K rows x BV columns), the vectors in its row / column
 layouts, so every broadcast is free and the read-out is one cross-warp reduction per state and query head.
 
-CPU tests run it in Mosaic GPU's interpreter (`interpret=True`), where `plgpu.load` with a layout is not
-supported: there the tiles are read with `ref[...]` (the same values; the layout only matters to the compiler).
+CPU tests run it in Mosaic GPU's interpreter (`interpret=True`; see `mgpu`).
 """
 
 from __future__ import annotations
@@ -17,26 +16,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dsla_jax.ops.dsla.mgpu import kernel_ops, launch, swizzles
+
 f32 = jnp.float32
 
 
-def lane_semantics():
-    """Mosaic GPU compiler parameters with per-lane (`Lane`) lowering semantics: JAX 0.10's default, and what the
-    kernels here are written and checked for (JAX 0.11 defaults to `Warpgroup`, whose lowering rejects the
-    recurrent kernel's `run_state` accumulators)."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
-
-
-def _interpret_params():
-    """Mosaic GPU interpret parameters: public as `plgpu.InterpretGPUParams` from JAX 0.11, private in 0.10."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    params = getattr(plgpu, "InterpretGPUParams", None)
-    if params is None:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
-    return params()
+def tiles_problem(K: int, V: int, block_v: int | None) -> str | None:
+    """Why this kernel cannot take key dim K, value dim V and value tile block_v (default min(64, V)), or None."""
+    BV = min(64, V) if block_v is None else block_v
+    if V % BV or BV % 32:
+        return f"the Mosaic GPU decode kernel needs block_v={BV} a multiple of 32 dividing V={V}"
+    if K % 64:
+        return f"the Mosaic GPU decode kernel needs K={K} a multiple of 64 (the WGMMA row tile)"
+    return None
 
 
 def decode_step_mgpu(
@@ -69,11 +61,10 @@ def decode_step_mgpu(
     B, H, K = q.shape
     Hk, V = v.shape[1], v.shape[2]
     G = H // Hk
+    problem = tiles_problem(K, V, block_v)
+    if problem:
+        raise ValueError(problem)
     BV = min(64, V) if block_v is None else block_v
-    if V % BV or BV % 32:
-        raise ValueError(f"the Mosaic GPU decode kernel needs block_v={BV} a multiple of 32 dividing V={V}")
-    if K % 64:
-        raise ValueError(f"the Mosaic GPU decode kernel needs K={K} a multiple of 64 (the WGMMA row tile)")
     BH = B * Hk
     q3 = q.reshape(BH, G, K)
     k2, g12, g22 = (x.reshape(BH, K) for x in (k, g1, g2))
@@ -81,10 +72,8 @@ def decode_step_mgpu(
     s1r, s2r = s1.reshape(BH, K, V), s2.reshape(BH, K, V)
     tile = plgpu.Layout.WGMMA  # [K, BV]: K % 64 == 0, BV % 8 == 0
     rows, cols_layout = tile.reduce(1), tile.reduce(0)  # vectors along K / along BV
-    swizzled = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))  # float32: 32 columns = 128 bytes
-
-    def ld(ref, layout):
-        return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
+    swizzled = swizzles()[0]  # float32 tiles
+    ld, _ = kernel_ops(interpret)
 
     def body(w_ref, q_ref, k_ref, v_ref, g1_ref, g2_ref, s1_ref, s2_ref, o_ref, s1o_ref, s2o_ref, *scratch):
         s1_sm, s2_sm, q_sm, k_sm, v_sm, g1_sm, g2_sm, o_sm, bar = scratch
@@ -124,8 +113,10 @@ def decode_step_mgpu(
         plgpu.copy_smem_to_gmem(o_sm, o_ref.at[h, :, cols])
         plgpu.wait_smem_to_gmem(0)
 
-    kernel = plgpu.kernel(
+    kernel = launch(
         body,
+        name="dsla_decode_mgpu",
+        interpret=interpret,
         out_type=(
             jax.ShapeDtypeStruct((BH, G, V), q.dtype),
             jax.ShapeDtypeStruct((BH, K, V), f32),
@@ -144,9 +135,6 @@ def decode_step_mgpu(
             plgpu.SMEM((G, BV), q.dtype),
             plgpu.Barrier(num_barriers=7),
         ],
-        interpret=_interpret_params() if interpret else None,
-        kernel_name="dsla_decode_mgpu",
-        compiler_params=lane_semantics(),
     )
     o, s1n, s2n = kernel(w.astype(f32), q3, k2, v2, g12, g22, s1r, s2r)
     return o.reshape(B, H, V), (s1n.reshape(s1.shape), s2n.reshape(s2.shape))

@@ -26,10 +26,67 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dsla_jax.ops.dsla.pallas_decode_mgpu import _interpret_params, lane_semantics
+from dsla_jax.ops.dsla.mgpu import kernel_ops, launch, swizzles, zeros
 from dsla_jax.ops.dsla.pallas_gpu import round_tf32
 
 f32 = jnp.float32
+
+
+def _check(what: str, BT: int, BV: int, K: int, T: int, P: int, v: jax.Array) -> None:
+    """The tiles every kernel here needs: 64-token chunks (WGMMA rows), BV and K multiples of 64, whole segments,
+    and 16-bit v (the state update is a bf16 WGMMA on kd's halves and v)."""
+    V = v.shape[-1]
+    if BT != 64 or V % BV or BV % 64 or K % 64 or T % (P * BT):
+        raise ValueError(f"the Mosaic GPU {what} needs chunk 64, BV % 64 == 0, K % 64 == 0 ({BT}, {BV}, {K})")
+    if jnp.dtype(v.dtype).itemsize != 2:
+        raise ValueError(f"the Mosaic GPU {what} needs 16-bit v (its state update is a bf16 WGMMA), got {v.dtype}")
+
+
+def _update_scratch(kd: jax.Array, v: jax.Array, BT: int, K: int, BV: int) -> list:
+    """Shared memory for a chunk's state-update inputs: kd_hi, kd_lo ([2, BT, K] each), exp(bL) [2, K], v [BT, BV]."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    sw16 = swizzles()[1]
+    return [
+        plgpu.SMEM((2, BT, K), kd.dtype, transforms=sw16),
+        plgpu.SMEM((2, BT, K), kd.dtype, transforms=sw16),
+        plgpu.SMEM((2, K), f32),
+        plgpu.SMEM((BT, BV), v.dtype, transforms=sw16),
+    ]
+
+
+def _fetch_update(kd_ref, ebl_ref, v_ref, smem, bar, first: int, c, *, bh, b, h, vs, BT: int) -> None:
+    """Start the TMA copies of chunk c's state-update inputs into `smem` (`_update_scratch`'s buffers), one copy per
+    barrier (a copy arrives once): kd_hi, kd_lo of state s on first + s, first + 2 + s, v on first + 4, exp(bL) on
+    first + 5. Swizzled tiles go one state at a time (at most 5 strided dimensions per copy)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    kdh_sm, kdl_sm, e_sm, v_sm = smem
+    ts = pl.ds(c * BT, BT)
+    for s in range(2):
+        plgpu.copy_gmem_to_smem(kd_ref.at[2 * s, bh, ts], kdh_sm.at[s], bar.at[first + s])
+        plgpu.copy_gmem_to_smem(kd_ref.at[2 * s + 1, bh, ts], kdl_sm.at[s], bar.at[first + 2 + s])
+    plgpu.copy_gmem_to_smem(v_ref.at[b, ts, h, vs], v_sm, bar.at[first + 4])
+    plgpu.copy_gmem_to_smem(ebl_ref.at[:, bh, c], e_sm, bar.at[first + 5])
+
+
+def _wait(bar, first: int, count: int) -> None:
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    for i in range(first, first + count):
+        plgpu.barrier_wait(bar.at[i])
+
+
+def _update_transposed(states, smem, ld, mma, BV: int, K: int) -> tuple:
+    """S_s^T [BV, K] <- S_s^T diag(exp(bL_s)) + v^T (kd_s,hi + kd_s,lo) for both states, from `smem`."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    kdh_sm, kdl_sm, e_sm, v_sm = smem
+    acc = plgpu.Layout.WGMMA
+    vt = ("T", v_sm)  # [BV, BT]
+    decays = [lax.broadcast_in_dim(ld(e_sm.at[s], acc.reduce(0)), (BV, K), [1]) for s in range(2)]
+    return tuple(mma(st * e, [(vt, kdh_sm.at[s]), (vt, kdl_sm.at[s])]) for s, (st, e) in enumerate(zip(states, decays)))
 
 
 def fwd_rec_mgpu(
@@ -69,27 +126,19 @@ def fwd_rec_mgpu(
     B, T, H, V = v.shape
     K = qd.shape[-1]
     BT, BV = chunk, block_v
-    if BT != 64 or V % BV or BV % 64 or K % 64 or T % (P * BT):
-        raise ValueError(f"the Mosaic GPU recurrent kernel needs chunk 64, BV % 64 == 0, K % 64 == 0 ({BT}, {BV}, {K})")
-    if jnp.dtype(v.dtype).itemsize != 2:
-        raise ValueError(
-            f"the Mosaic GPU recurrent kernel needs 16-bit v (its state update is a bf16 WGMMA), got {v.dtype}"
-        )
+    _check("recurrent kernel", BT, BV, K, T, P, v)
     NC = T // (P * BT)
     acc = plgpu.Layout.WGMMA
-    sw32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))  # float32 rows: 32 elements = 128 bytes
-    sw16 = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # 16-bit rows: 64 elements
-
-    ld, mma = _ops(interpret)
+    sw32, sw16 = swizzles()
+    ld, mma = kernel_ops(interpret)
 
     def body(qd_ref, kd_ref, ebl_ref, v_ref, oi_ref, sin_ref, o_ref, sout_ref, *scratch):
-        qd_sm, kdh_sm, kdl_sm, e_sm, v_sm, oi_sm, st_sm, o_sm, bar = scratch
+        qd_sm, *upd_sm, oi_sm, st_sm, o_sm, bar = scratch  # upd_sm: `_update_scratch`'s four buffers
         iv, bh, p = lax.axis_index("iv"), lax.axis_index("bh"), lax.axis_index("p")
         b, h = lax.div(bh, H), lax.rem(bh, H)
         vs = pl.ds(iv * BV, BV)
 
-        # One copy per barrier (a TMA copy arrives once); swizzled tiles one state at a time (at most 5 strided
-        # dimensions per copy). Barriers: 0-2 the output matmul's inputs, 3-8 the state update's, 9-10 states.
+        # One copy per barrier: 0-2 the output matmul's inputs, 3-8 the state update's, 9-10 the entering states.
         def fetch_q(c):  # what the output matmul reads
             ts = pl.ds(c * BT, BT)
             for s in range(2):
@@ -97,28 +146,19 @@ def fwd_rec_mgpu(
             plgpu.copy_gmem_to_smem(oi_ref.at[bh, ts, vs], oi_sm, bar.at[2])
 
         def fetch_k(c):  # what the state update reads
-            ts = pl.ds(c * BT, BT)
-            for s in range(2):
-                plgpu.copy_gmem_to_smem(kd_ref.at[2 * s, bh, ts], kdh_sm.at[s], bar.at[3 + s])
-                plgpu.copy_gmem_to_smem(kd_ref.at[2 * s + 1, bh, ts], kdl_sm.at[s], bar.at[5 + s])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, ts, h, vs], v_sm, bar.at[7])
-            plgpu.copy_gmem_to_smem(ebl_ref.at[:, bh, c], e_sm, bar.at[8])
+            _fetch_update(kd_ref, ebl_ref, v_ref, upd_sm, bar, 3, c, bh=bh, b=b, h=h, vs=vs, BT=BT)
 
         c0 = p * NC
         for s in range(2):
             plgpu.copy_gmem_to_smem(sin_ref.at[bh, p, s, vs], st_sm.at[s], bar.at[9 + s])
         fetch_q(c0)
         fetch_k(c0)
-        plgpu.barrier_wait(bar.at[9])
-        plgpu.barrier_wait(bar.at[10])
+        _wait(bar, 9, 2)
         carry0 = (ld(st_sm.at[0], acc), ld(st_sm.at[1], acc))
 
         def step(n, carry):
-            s1, s2 = carry  # S_s^T entering chunk c, also in st_sm
-            c = c0 + n
-            for i in range(3):
-                plgpu.barrier_wait(bar.at[i])
-
+            c = c0 + n  # carry: S_s^T entering chunk c, also in st_sm
+            _wait(bar, 0, 3)
             st = [("T", st_sm.at[s]) for s in range(2)]  # S_s [K, BV], K fastest
             o = mma(ld(oi_sm, acc), [(qd_sm.at[0], st[0]), (qd_sm.at[1], st[1])])
 
@@ -130,14 +170,8 @@ def fwd_rec_mgpu(
             o_sm[...] = o.astype(o_sm.dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_sm, o_ref.at[b, pl.ds(c * BT, BT), h, vs])
-            for i in range(3, 9):
-                plgpu.barrier_wait(bar.at[i])
-            e1 = lax.broadcast_in_dim(ld(e_sm.at[0], acc.reduce(0)), (BV, K), [1])
-            e2 = lax.broadcast_in_dim(ld(e_sm.at[1], acc.reduce(0)), (BV, K), [1])
-
-            vt = ("T", v_sm)  # [BV, BT]
-            s1 = mma(s1 * e1, [(vt, kdh_sm.at[0]), (vt, kdl_sm.at[0])])
-            s2 = mma(s2 * e2, [(vt, kdh_sm.at[1]), (vt, kdl_sm.at[1])])
+            _wait(bar, 3, 6)
+            s1, s2 = _update_transposed(carry, upd_sm, ld, mma, BV, K)
 
             @pl.when(n + 1 < NC)
             def _():
@@ -157,54 +191,23 @@ def fwd_rec_mgpu(
             plgpu.copy_smem_to_gmem(st_sm.at[s], sout_ref.at[bh, p, s, vs])
         plgpu.wait_smem_to_gmem(0)
 
-    kernel = plgpu.kernel(
+    kernel = launch(
         body,
+        name="dsla_fwd_rec_mgpu",
+        interpret=interpret,
         out_type=(jax.ShapeDtypeStruct((B, T, H, V), v.dtype), jax.ShapeDtypeStruct(s_in_t.shape, f32)),
         grid=(V // BV, B * H, P),
         grid_names=("iv", "bh", "p"),
         scratch_types=[
             plgpu.SMEM((2, BT, K), f32, transforms=sw32),  # qd
-            plgpu.SMEM((2, BT, K), kd.dtype, transforms=sw16),  # kd_hi
-            plgpu.SMEM((2, BT, K), kd.dtype, transforms=sw16),  # kd_lo
-            plgpu.SMEM((2, K), f32),  # exp(bL)
-            plgpu.SMEM((BT, BV), v.dtype, transforms=sw16),
+            *_update_scratch(kd, v, BT, K, BV),
             plgpu.SMEM((BT, BV), f32, transforms=sw32),  # o_intra
             plgpu.SMEM((2, BV, K), f32, transforms=sw32),  # S_s^T
             plgpu.SMEM((BT, BV), v.dtype, transforms=sw16),  # o, staged for its TMA store
             plgpu.Barrier(num_barriers=11),
         ],
-        interpret=_interpret_params() if interpret else None,
-        kernel_name="dsla_fwd_rec_mgpu",
-        compiler_params=lane_semantics(),
     )
     return kernel(qd, kd, ebl, v, oi, s_in_t)
-
-
-def _ops(interpret: bool):
-    """(ld, mma) for the kernels here. ld(ref, layout): a shared-memory tile into registers in a layout.
-    mma(init, pairs): init + sum of a @ b over (a, b) in pairs, each operand a shared-memory ref or ("T", ref) for
-    its transpose: WGMMA into an accumulator that starts at init. The interpreter has neither `plgpu.load`,
-    `run_state` nor transposed refs: there tiles are read with `ref[...]` and the products are float32 matmuls."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    def ld(ref, layout):
-        return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
-
-    def mma(init, pairs):
-        if interpret:
-            val = lambda x: x[1][...].T if isinstance(x, tuple) else x[...]  # noqa: E731
-            hi = lax.Precision.HIGHEST
-            return init + sum(jnp.dot(val(a).astype(f32), val(b_).astype(f32), precision=hi) for a, b_ in pairs)
-        ref = lambda x: plgpu.transpose_ref(x[1], (1, 0)) if isinstance(x, tuple) else x  # noqa: E731
-
-        def products(acc_ref):
-            for a, b_ in pairs:
-                plgpu.wgmma(acc_ref, ref(a), ref(b_))
-
-        return pl.run_state(products)(plgpu.ACC.init(init))
-
-    return ld, mma
 
 
 def seg_states_mgpu(
@@ -235,47 +238,32 @@ def seg_states_mgpu(
     B, T, H, V = v.shape
     K = kd.shape[-1]
     BT, BV = chunk, block_v
-    if BT != 64 or V % BV or BV % 64 or K % 64 or T % (P * BT) or jnp.dtype(v.dtype).itemsize != 2:
-        raise ValueError("the Mosaic GPU segment pass needs chunk 64, BV % 64 == 0, K % 64 == 0, 16-bit v")
+    _check("segment pass", BT, BV, K, T, P, v)
     NC = T // (P * BT)
-    acc = plgpu.Layout.WGMMA
-    sw32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
-    sw16 = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    ld, mma = _ops(interpret)
+    ld, mma = kernel_ops(interpret)
 
-    def body(kd_ref, ebl_ref, v_ref, sout_ref, kdh_sm, kdl_sm, e_sm, v_sm, st_sm, bar):
+    def body(kd_ref, ebl_ref, v_ref, sout_ref, *scratch):
+        *upd_sm, st_sm, bar = scratch
         iv, bh, p = lax.axis_index("iv"), lax.axis_index("bh"), lax.axis_index("p")
         b, h = lax.div(bh, H), lax.rem(bh, H)
         vs = pl.ds(iv * BV, BV)
 
-        def fetch(c):  # barriers as in `fwd_rec_mgpu`: one copy each
-            ts = pl.ds(c * BT, BT)
-            for s in range(2):
-                plgpu.copy_gmem_to_smem(kd_ref.at[2 * s, bh, ts], kdh_sm.at[s], bar.at[s])
-                plgpu.copy_gmem_to_smem(kd_ref.at[2 * s + 1, bh, ts], kdl_sm.at[s], bar.at[2 + s])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, ts, h, vs], v_sm, bar.at[4])
-            plgpu.copy_gmem_to_smem(ebl_ref.at[:, bh, c], e_sm, bar.at[5])
+        def fetch(c):
+            _fetch_update(kd_ref, ebl_ref, v_ref, upd_sm, bar, 0, c, bh=bh, b=b, h=h, vs=vs, BT=BT)
 
         c0 = p * NC
         fetch(c0)
-        zero = jnp.zeros((BV, K), f32)
-        zero = zero if interpret else plgpu.layout_cast(zero, acc)
+        zero = zeros((BV, K), plgpu.Layout.WGMMA, interpret)
 
         def step(n, carry):
-            s1, s2 = carry
-            for i in range(6):
-                plgpu.barrier_wait(bar.at[i])
-            e1 = lax.broadcast_in_dim(ld(e_sm.at[0], acc.reduce(0)), (BV, K), [1])
-            e2 = lax.broadcast_in_dim(ld(e_sm.at[1], acc.reduce(0)), (BV, K), [1])
-            vt = ("T", v_sm)
-            s1 = mma(s1 * e1, [(vt, kdh_sm.at[0]), (vt, kdl_sm.at[0])])
-            s2 = mma(s2 * e2, [(vt, kdh_sm.at[1]), (vt, kdl_sm.at[1])])
+            _wait(bar, 0, 6)
+            new = _update_transposed(carry, upd_sm, ld, mma, BV, K)
 
             @pl.when(n + 1 < NC)
             def _():
                 fetch(c0 + n + 1)
 
-            return s1, s2
+            return new
 
         for s, st in enumerate(lax.fori_loop(0, NC, step, (zero, zero))):  # one staging tile, a state at a time
             if s:
@@ -285,22 +273,18 @@ def seg_states_mgpu(
             plgpu.copy_smem_to_gmem(st_sm, sout_ref.at[bh, p, s, vs])
         plgpu.wait_smem_to_gmem(0)
 
-    kernel = plgpu.kernel(
+    kernel = launch(
         body,
+        name="dsla_seg_states_mgpu",
+        interpret=interpret,
         out_type=jax.ShapeDtypeStruct((B * H, count, 2, V, K), f32),
         grid=(V // BV, B * H, count),
         grid_names=("iv", "bh", "p"),
         scratch_types=[
-            plgpu.SMEM((2, BT, K), kd.dtype, transforms=sw16),
-            plgpu.SMEM((2, BT, K), kd.dtype, transforms=sw16),
-            plgpu.SMEM((2, K), f32),
-            plgpu.SMEM((BT, BV), v.dtype, transforms=sw16),
-            plgpu.SMEM((BV, K), f32, transforms=sw32),
+            *_update_scratch(kd, v, BT, K, BV),
+            plgpu.SMEM((BV, K), f32, transforms=swizzles()[0]),
             plgpu.Barrier(num_barriers=6),
         ],
-        interpret=_interpret_params() if interpret else None,
-        kernel_name="dsla_seg_states_mgpu",
-        compiler_params=lane_semantics(),
     )
     return kernel(kd, ebl, v)
 
@@ -334,33 +318,26 @@ def chunk_states_mgpu(
     B, T, H, V = v.shape
     K = kd.shape[-1]
     BT, BV = chunk, block_v
-    if BT != 64 or V % BV or BV % 64 or K % 64 or T % (P * BT) or jnp.dtype(v.dtype).itemsize != 2:
-        raise ValueError("the Mosaic GPU state pass needs chunk 64, BV % 64 == 0, K % 64 == 0, 16-bit v")
+    _check("state pass", BT, BV, K, T, P, v)
     NC, N = T // (P * BT), T // BT
     acc = plgpu.Layout.WGMMA
-    sw32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
-    sw16 = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    ld, mma = _ops(interpret)
+    ld, mma = kernel_ops(interpret)
 
-    def body(kd_ref, ebl_ref, v_ref, sin_ref, hs_ref, kdh_sm, kdl_sm, e_sm, v_sm, st_sm, bar):
+    def body(kd_ref, ebl_ref, v_ref, sin_ref, hs_ref, *scratch):
+        *upd_sm, st_sm, bar = scratch
+        kdh_sm, kdl_sm, e_sm, v_sm = upd_sm
         iv, bh, p = lax.axis_index("iv"), lax.axis_index("bh"), lax.axis_index("p")
         b, h = lax.div(bh, H), lax.rem(bh, H)
         vs = pl.ds(iv * BV, BV)
 
-        def fetch(c):  # one copy per barrier
-            ts = pl.ds(c * BT, BT)
-            for s in range(2):
-                plgpu.copy_gmem_to_smem(kd_ref.at[2 * s, bh, ts], kdh_sm.at[s], bar.at[s])
-                plgpu.copy_gmem_to_smem(kd_ref.at[2 * s + 1, bh, ts], kdl_sm.at[s], bar.at[2 + s])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, ts, h, vs], v_sm, bar.at[4])
-            plgpu.copy_gmem_to_smem(ebl_ref.at[:, bh, c], e_sm, bar.at[5])
+        def fetch(c):
+            _fetch_update(kd_ref, ebl_ref, v_ref, upd_sm, bar, 0, c, bh=bh, b=b, h=h, vs=vs, BT=BT)
 
         c0 = p * NC
         for s in range(2):
             plgpu.copy_gmem_to_smem(sin_ref.at[bh, p, s, :, vs], st_sm.at[s], bar.at[6 + s])
         fetch(c0)
-        plgpu.barrier_wait(bar.at[6])
-        plgpu.barrier_wait(bar.at[7])
+        _wait(bar, 6, 2)
         carry0 = (ld(st_sm.at[0], acc), ld(st_sm.at[1], acc))
 
         def step(n, carry):
@@ -371,10 +348,9 @@ def chunk_states_mgpu(
             plgpu.commit_smem()
             for s in range(2):
                 plgpu.copy_smem_to_gmem(st_sm.at[s], hs_ref.at[s, bh, c, :, vs])
-            for i in range(6):
-                plgpu.barrier_wait(bar.at[i])
+            _wait(bar, 0, 6)
             new = []
-            for s in range(2):
+            for s in range(2):  # natural layout: S_s [K, BV] <- diag(exp(bL_s)) S_s + (kd_hi + kd_lo)^T v
                 e = lax.broadcast_in_dim(ld(e_sm.at[s], acc.reduce(1)), (K, BV), [0])
                 new.append(mma(carry[s] * e, [(("T", kdh_sm.at[s]), v_sm), (("T", kdl_sm.at[s]), v_sm)]))
 
@@ -387,22 +363,18 @@ def chunk_states_mgpu(
         lax.fori_loop(0, NC, step, carry0)
         plgpu.wait_smem_to_gmem(0)
 
-    kernel = plgpu.kernel(
+    kernel = launch(
         body,
+        name="dsla_chunk_states_mgpu",
+        interpret=interpret,
         out_type=jax.ShapeDtypeStruct((2, B * H, N, K, V), f32),
         grid=(V // BV, B * H, P),
         grid_names=("iv", "bh", "p"),
         scratch_types=[
-            plgpu.SMEM((2, BT, K), kd.dtype, transforms=sw16),
-            plgpu.SMEM((2, BT, K), kd.dtype, transforms=sw16),
-            plgpu.SMEM((2, K), f32),
-            plgpu.SMEM((BT, BV), v.dtype, transforms=sw16),
-            plgpu.SMEM((2, K, BV), f32, transforms=sw32),
+            *_update_scratch(kd, v, BT, K, BV),
+            plgpu.SMEM((2, K, BV), f32, transforms=swizzles()[0]),
             plgpu.Barrier(num_barriers=8),
         ],
-        interpret=_interpret_params() if interpret else None,
-        kernel_name="dsla_chunk_states_mgpu",
-        compiler_params=lane_semantics(),
     )
     return kernel(kd, ebl, v, s_in)
 

@@ -1,0 +1,96 @@
+"""What the DSLA Mosaic GPU kernels share (`pallas_decode_mgpu`, `pallas_gpu_rec_mgpu`): the launch (Lane
+semantics, the interpreter on CPU), the shared-memory swizzles, and register loads and WGMMAs that also run in
+Mosaic GPU's interpreter.
+
+The interpreter has neither `plgpu.load` (with a layout), `run_state` nor transposed refs: there tiles are read with
+`ref[...]` (the same values; the layout only matters to the compiler) and the products are float32 matmuls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+f32 = jnp.float32
+
+
+def lane_semantics():
+    """Mosaic GPU compiler parameters with per-lane (`Lane`) lowering semantics: JAX 0.10's default, and what the
+    kernels here are written and checked for (JAX 0.11 defaults to `Warpgroup`, whose lowering rejects the
+    recurrent kernel's `run_state` accumulators)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
+
+
+def interpret_params():
+    """Mosaic GPU interpret parameters: public as `plgpu.InterpretGPUParams` from JAX 0.11, private in 0.10."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    params = getattr(plgpu, "InterpretGPUParams", None)
+    if params is None:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
+    return params()
+
+
+def launch(body: Callable, *, name: str, interpret: bool, **kernel_kw):
+    """`plgpu.kernel(body, ...)` with Lane semantics, named, in the interpreter when `interpret`."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.kernel(
+        body,
+        interpret=interpret_params() if interpret else None,
+        kernel_name=name,
+        compiler_params=lane_semantics(),
+        **kernel_kw,
+    )
+
+
+def swizzles() -> tuple[tuple, tuple]:
+    """Shared-memory transforms (128-byte swizzle) for float32 and for 16-bit tiles: rows of 32 / 64 elements."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return (
+        (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)),
+        (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)),
+    )
+
+
+def kernel_ops(interpret: bool):
+    """(ld, mma) for kernel bodies.
+
+    ld(ref, layout): a shared-memory tile into registers in a layout.
+    mma(init, pairs): init + sum of a @ b over (a, b) in pairs, each operand a shared-memory ref or ("T", ref) for
+    its transpose: WGMMA into an accumulator that starts at init.
+    """
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def ld(ref, layout):
+        return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
+
+    def mma(init, pairs):
+        if interpret:
+            val = lambda x: x[1][...].T if isinstance(x, tuple) else x[...]  # noqa: E731
+            hi = lax.Precision.HIGHEST
+            return init + sum(jnp.dot(val(a).astype(f32), val(b_).astype(f32), precision=hi) for a, b_ in pairs)
+        ref = lambda x: plgpu.transpose_ref(x[1], (1, 0)) if isinstance(x, tuple) else x  # noqa: E731
+
+        def products(acc_ref):
+            for a, b_ in pairs:
+                plgpu.wgmma(acc_ref, ref(a), ref(b_))
+
+        return pl.run_state(products)(plgpu.ACC.init(init))
+
+    return ld, mma
+
+
+def zeros(shape: tuple[int, ...], layout, interpret: bool) -> jax.Array:
+    """A float32 zero array in a register layout (plain zeros in the interpreter)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    z = jnp.zeros(shape, f32)
+    return z if interpret else plgpu.layout_cast(z, layout)
