@@ -512,7 +512,9 @@ def dsla_decode_step_pallas(
     if gpu_lowering not in ("auto", "triton", "mosaic"):
         raise ValueError(f"gpu_lowering must be 'auto', 'triton' or 'mosaic', got {gpu_lowering!r}")
     if gpu_lowering == "auto":
-        fits = K % 64 == 0 and V % 32 == 0 and (block_v is None or block_v % 32 == 0)
+        from dsla_jax.ops.dsla.pallas_decode_mgpu import tiles_problem
+
+        fits = tiles_problem(K, V, block_v) is None
         gpu_lowering = "mosaic" if fits and not interpret and _hopper_or_newer() else "triton"
     if backend == "gpu" and gpu_lowering == "mosaic":
         from dsla_jax.ops.dsla.pallas_decode_mgpu import decode_step_mgpu
