@@ -319,10 +319,11 @@ def test_mosaic_recurrent_kernel_lowers():
     fn = pallas_fn("gpu", 64, cfg, interpret=False)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 2
-    # Under differentiation the backward's state pass is a third Mosaic kernel (`bwd_states_mosaic`).
+    # Under differentiation the backward's state and adjoint passes are Mosaic kernels too (`bwd_states_mosaic`,
+    # `bwd_adjoints_mosaic`).
     loss = lambda *a: fn(*a)[0].astype(jnp.float32).sum()  # noqa: E731
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "dsla_chunk_states_mgpu" in text
+    assert "dsla_chunk_states_mgpu" in text and "dsla_chunk_adjoints_mgpu" in text
 
 
 def _kernel_primitives(fn, args) -> dict[str, set[str]]:

@@ -106,7 +106,8 @@ def _gpu_fwd_split_mosaic(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret, k
     else:
         s_in = h0.reshape(BH, 1, *h0.shape[1:])
     o, s_T = km.fwd_rec_mgpu(qd, kd, ebl, v, oi, jnp.swapaxes(s_in, -1, -2), P=P, **tiles)
-    saved = (a[0], None, (kd, ebl) if cfg.bwd_states_mosaic else None) if keep else None
+    mosaic_res = (kd if cfg.bwd_states_mosaic else None, ebl, qd if cfg.bwd_adjoints_mosaic else None)
+    saved = (a[0], None, mosaic_res) if keep else None
     return o.astype(q.dtype), jnp.swapaxes(s_T[:, P - 1], -1, -2), s_in, saved
 
 
@@ -197,16 +198,24 @@ def _gpu_bwd_split(res, do, ds_T, *, scale, cfg, P, interpret, kv_f32=False):
             q, k, v, g1, g2, w, scale=scale, cfg=replace(cfg, chunk=cfg.bwd_chunk), interpret=interpret
         )[-1]
     kw = dict(scale=scale, cfg=cfg, P=P, interpret=interpret)
-    if hs is None and mosaic_res is not None:  # from the Mosaic forward's kd halves (`GpuConfig.bwd_states_mosaic`)
+    kd, ebl, qd = mosaic_res if mosaic_res is not None else (None, None, None)
+    bv = min(cfg.block_v, v.shape[-1])
+    tiles = dict(P=P, chunk=cfg.chunk, block_v=bv, interpret=interpret)
+    if hs is None and kd is not None:  # from the Mosaic forward's kd halves (`GpuConfig.bwd_states_mosaic`)
         from dsla_jax.ops.dsla import pallas_gpu_rec_mgpu as km
 
-        kd, ebl = mosaic_res
-        bv = min(cfg.block_v, v.shape[-1])
-        hs = km.chunk_states_mgpu(kd, ebl, v, s_in, P=P, chunk=cfg.chunk, block_v=bv, interpret=interpret)
+        hs = km.chunk_states_mgpu(kd, ebl, v, s_in, **tiles)
     if hs is None:  # the states entering every chunk, unless the forward stored them
         hs, _ = kb.chunk_states_gpu(w, k, v, g1, g2, s_in, reverse=False, **kw)
-    dl, e, send, dend = kb.chunk_states_gpu(w, q, do, g1, g2, None, reverse=True, **kw)
-    ds_end, dh0 = kb.chain_adjoints(ds_T, send, dend[:, :, 0])
+    if qd is not None:  # from the Mosaic forward's decayed queries (`GpuConfig.bwd_adjoints_mosaic`)
+        from dsla_jax.ops.dsla import pallas_gpu_rec_mgpu as km
+
+        dl, send = km.chunk_adjoints_mgpu(qd, ebl, do, **tiles)
+        e, dend = km.adjoint_decays(ebl, P)
+    else:
+        dl, e, send, dend = kb.chunk_states_gpu(w, q, do, g1, g2, None, reverse=True, **kw)
+        dend = dend[:, :, 0]
+    ds_end, dh0 = kb.chain_adjoints(ds_T, send, dend)
     dq, dk, dv, dg1, dg2, dw = kb.bwd_grads_gpu(w, q, k, v, do, g1, g2, hs, dl, e, ds_end, a, kv_f32=kv_f32, **kw)
     return dq, dk, dv, dg1, dg2, jnp.sum(dw, axis=(1, 2, 3)), dh0
 

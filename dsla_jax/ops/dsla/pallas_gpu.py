@@ -89,6 +89,9 @@ class GpuConfig:
             (`pallas_gpu_rec_mgpu.chunk_states_mgpu`) from the forward's kd halves and exp(bL), kept as residuals
             (8 bytes per token, head and key channel: 0.27 GB at B1 T8192 H32 D128) instead of recomputing decays.
             On an H200 at B1 T8192: the pass 0.90 -> 0.34 ms, forward + backward 7.01 -> 6.47 ms (v9, call 12).
+        bwd_adjoints_mosaic: with rec "mosaic", the split backward's adjoint pass runs on Mosaic GPU
+            (`pallas_gpu_rec_mgpu.chunk_adjoints_mgpu`) from the forward's float32 decayed queries, kept as a
+            residual (8 bytes per token, head and key channel, as kd's halves) instead of recomputing decays.
         split_dtype: storage of the split form's decayed queries and keys: "float32" (both), "bfloat16" (both) or
             "kd-bfloat16" (keys only: they feed the states; the queries feed the outputs directly) or "kd-bf16x2"
             (keys as two bfloat16 halves, queries rounded to tf32: the Mosaic GPU kernels' operands).
@@ -196,6 +199,7 @@ class GpuConfig:
     rec_num_stages: int = 1
     rec: str = "auto"
     bwd_states_mosaic: bool = True
+    bwd_adjoints_mosaic: bool = True
     onepass_block_k: int = 32
     onepass_block_v: int = 64
     onepass_num_warps: int = 8

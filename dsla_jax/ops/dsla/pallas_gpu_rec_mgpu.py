@@ -1,8 +1,9 @@
 """Mosaic GPU kernels for the DSLA split form's sequential passes (`GpuConfig(rec="mosaic")`, picked by "auto" on
 Hopper): `fwd_rec_mgpu` (the forward's recurrent kernel, Triton twin `pallas_gpu.fwd_rec_gpu`), `seg_states_mgpu`
-(the forward's segment pass, twin `pallas_gpu.seg_states_split_gpu`) and `chunk_states_mgpu` (the backward's state
-pass, twin `pallas_gpu_bwd.chunk_states_gpu`): the per-chunk work on tensor cores through WGMMA, with explicit TMA
-copies. Measured against the twins in `docs/benchmarks.md` (v9).
+(the forward's segment pass, twin `pallas_gpu.seg_states_split_gpu`), `chunk_states_mgpu` (the backward's state
+pass, twin `pallas_gpu_bwd.chunk_states_gpu`) and `chunk_adjoints_mgpu` (the backward's adjoint pass, the same twin
+with reverse=True): the per-chunk work on tensor cores through WGMMA, with explicit TMA copies. Measured against
+the twins in `docs/benchmarks.md` (v9, v10).
 
 The recurrent kernel:
 
@@ -377,6 +378,143 @@ def chunk_states_mgpu(
         ],
     )
     return kernel(kd, ebl, v, s_in)
+
+
+def chunk_adjoints_mgpu(
+    qd: jax.Array,
+    ebl: jax.Array,
+    do: jax.Array,
+    *,
+    P: int,
+    chunk: int = 64,
+    block_v: int = 64,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """The segment-local adjoint of the state leaving every chunk (the split backward's adjoint pass,
+    `pallas_gpu_bwd.chunk_states_gpu(reverse=True)`, from the forward's decayed queries instead of recomputing the
+    decays): every segment from zero at its end, backward in time,
+
+        D_{c-1} = diag(exp(bL_c)) D_c + qd_c^T do_c        (qd = scale w_s q exp(b), the forward's own)
+
+    with D_s [K, BV] float32 WGMMA accumulators in their natural layout, as `chunk_states_mgpu`. The token
+    contraction qd^T do reads qd transposed, which tf32 WGMMA cannot: each chunk's float32 qd tile is split in the
+    kernel into bfloat16 halves (hi + lo, exact for the tf32-rounded qd of split_dtype "kd-bf16x2", ~2^-16
+    relative otherwise) for two bf16 WGMMAs. Each chunk's adjoint is stored by TMA while the next update runs.
+
+    Args:
+        qd: [2, B * H, T, K] float32 decayed, scaled and mixed queries (the split intra kernel's); ebl: [2, B * H,
+            N, K] float32 chunk decays exp(bL); do: [B, T, H, V] 16-bit output cotangent.
+
+    Returns:
+        dl [2, B * H, N, K, V] float32, the segment-local adjoint of the state leaving every chunk, and send
+        [B * H, P, 2, K, V], each segment's local adjoint entering it (the decays to the segment ends are products
+        of ebl, left to the caller: `adjoint_decays`).
+    """
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    B, T, H, V = do.shape
+    K = qd.shape[-1]
+    BT, BV = chunk, block_v
+    _check("adjoint pass", BT, BV, K, T, P, do)
+    if qd.dtype != f32 or qd.shape[0] != 2:
+        raise ValueError(f"the Mosaic GPU adjoint pass reads float32 qd [2, B H, T, K], got {qd.dtype} {qd.shape}")
+    NC, N = T // (P * BT), T // BT
+    acc = plgpu.Layout.WGMMA
+    sw32, sw16 = swizzles()
+    ld, mma = kernel_ops(interpret)
+
+    def body(qd_ref, ebl_ref, do_ref, dl_ref, send_ref, *scratch):
+        q32_sm, qh_sm, ql_sm, e_sm, do_sm, st_sm, bar = scratch
+        iv, bh, p = lax.axis_index("iv"), lax.axis_index("bh"), lax.axis_index("p")
+        b, h = lax.div(bh, H), lax.rem(bh, H)
+        vs = pl.ds(iv * BV, BV)
+
+        def fetch_q(c):  # one copy per barrier: qd of state s on s
+            for s in range(2):
+                plgpu.copy_gmem_to_smem(qd_ref.at[s, bh, pl.ds(c * BT, BT)], q32_sm.at[s], bar.at[s])
+
+        def fetch_rest(c):  # do on 2, exp(bL) on 3
+            plgpu.copy_gmem_to_smem(do_ref.at[b, pl.ds(c * BT, BT), h, vs], do_sm, bar.at[2])
+            plgpu.copy_gmem_to_smem(ebl_ref.at[:, bh, c], e_sm, bar.at[3])
+
+        c_end = p * NC + NC - 1
+        fetch_q(c_end)
+        fetch_rest(c_end)
+        zero = zeros((K, BV), acc, interpret)
+
+        def step(n, carry):
+            c = c_end - n  # carry: D_s, the adjoint of the state leaving chunk c
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's adjoints have left st_sm
+            for s in range(2):
+                st_sm.at[s][...] = carry[s]
+            plgpu.commit_smem()
+            for s in range(2):
+                plgpu.copy_smem_to_gmem(st_sm.at[s], dl_ref.at[s, bh, c, :, vs])
+            _wait(bar, 0, 4)
+            for s in range(2):  # qd's bfloat16 halves for the transposed operand
+                x = ld(q32_sm.at[s], acc)
+                hi = x.astype(qh_sm.dtype)
+                qh_sm.at[s][...] = hi
+                ql_sm.at[s][...] = (x - hi.astype(f32)).astype(ql_sm.dtype)
+            plgpu.commit_smem()  # also a warpgroup barrier: every read of q32_sm is done before its next copy
+
+            @pl.when(n + 1 < NC)
+            def _():
+                fetch_q(c - 1)
+
+            new = []
+            for s in range(2):  # D_s [K, BV] <- diag(exp(bL_s)) D_s + (qd_hi + qd_lo)^T do
+                e = lax.broadcast_in_dim(ld(e_sm.at[s], acc.reduce(1)), (K, BV), [0])
+                new.append(mma(carry[s] * e, [(("T", qh_sm.at[s]), do_sm), (("T", ql_sm.at[s]), do_sm)]))
+
+            @pl.when(n + 1 < NC)
+            def _():
+                fetch_rest(c - 1)
+
+            return tuple(new)
+
+        d_start = lax.fori_loop(0, NC, step, (zero, zero))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        for s in range(2):
+            st_sm.at[s][...] = d_start[s]
+        plgpu.commit_smem()
+        for s in range(2):
+            plgpu.copy_smem_to_gmem(st_sm.at[s], send_ref.at[bh, p, s, :, vs])
+        plgpu.wait_smem_to_gmem(0)
+
+    kernel = launch(
+        body,
+        name="dsla_chunk_adjoints_mgpu",
+        interpret=interpret,
+        out_type=(
+            jax.ShapeDtypeStruct((2, B * H, N, K, V), f32),
+            jax.ShapeDtypeStruct((B * H, P, 2, K, V), f32),
+        ),
+        grid=(V // BV, B * H, P),
+        grid_names=("iv", "bh", "p"),
+        scratch_types=[
+            plgpu.SMEM((2, BT, K), f32, transforms=sw32),  # qd as copied
+            plgpu.SMEM((2, BT, K), jnp.bfloat16, transforms=sw16),  # its halves
+            plgpu.SMEM((2, BT, K), jnp.bfloat16, transforms=sw16),
+            plgpu.SMEM((2, K), f32),
+            plgpu.SMEM((BT, BV), do.dtype, transforms=sw16),
+            plgpu.SMEM((2, K, BV), f32, transforms=sw32),
+            plgpu.Barrier(num_barriers=4),
+        ],
+    )
+    return kernel(qd, ebl, do)
+
+
+def adjoint_decays(ebl: jax.Array, P: int) -> tuple[jax.Array, jax.Array]:
+    """From the chunk decays ebl [2, B * H, N, K]: the decay from every chunk's end to its segment's end,
+    [2, B * H, N, 1, K] (the layout the split backward's gradient kernels read: one value tile), and every
+    segment's total decay [B * H, P, 2, K] (XLA products, in time order from each segment's end)."""
+    two, BH, N, K = ebl.shape
+    seg = ebl.reshape(two, BH, P, N // P, K)
+    after = jnp.cumprod(seg[:, :, :, ::-1], axis=3)[:, :, :, ::-1]  # inclusive: chunks c .. the segment's end
+    e = jnp.concatenate([after[:, :, :, 1:], jnp.ones_like(seg[:, :, :, :1])], axis=3)
+    return e.reshape(two, BH, N, 1, K), jnp.moveaxis(after[:, :, :, 0], 0, 2)
 
 
 def split_kd(kd: jax.Array) -> jax.Array:
