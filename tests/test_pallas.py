@@ -291,6 +291,36 @@ def test_mosaic_recurrent_kernel_interpret(case):
         pallas_fn("gpu", chunk, cfg)(*f32_args)
 
 
+def test_mosaic_backward_kernels_match_triton_twins():
+    """The backward's Mosaic GPU adjoint pass and dv kernel (interpreter) against their Triton twins (interpreter)
+    on the same forward residuals: two segments, gates near -50 in part of the channels."""
+    from dsla_jax.ops.dsla import pallas_gpu as kg
+    from dsla_jax.ops.dsla import pallas_gpu_bwd as kb
+    from dsla_jax.ops.dsla import pallas_gpu_rec_mgpu as km
+
+    B, T, H, K, V, P = 1, 256, 2, 64, 128, 2
+    q, k, v, g1, g2, _, _ = make_inputs(11, B, T, H, H, K, V, jnp.bfloat16, ("logsig", "strong"))
+    do = jax.random.normal(jax.random.key(12), v.shape).astype(jnp.bfloat16)
+    w, scale = jnp.array([0.3, 0.7], jnp.float32), K**-0.5
+    cfg = GpuConfig(chunk=64, bwd_chunk=64, num_segments=P, block_v=64, bwd_dot="ieee", bwd_state_dot="ieee")
+    qd, kd, ebl, _, a = kg.fwd_intra_gpu(q, k, v, g1, g2, w, scale=scale, cfg=cfg, interpret=True)
+    kd = km.split_kd(kd)  # float32 qd and kd halves: both sides exact to ~2^-16
+    dl, e, send, dend = kb.chunk_states_gpu(w, q, do, g1, g2, None, reverse=True, scale=scale, cfg=cfg, P=P,
+                                            interpret=True)  # fmt: skip
+    dl_m, send_m = km.chunk_adjoints_mgpu(qd, ebl, do, P=P, interpret=True)
+    e_m, dend_m = km.adjoint_decays(ebl, P)
+    assert_close("Dloc", dl, dl_m, 1e-4)
+    assert_close("segment adjoints", send, send_m, 1e-4)
+    assert_close("decays to the segment end", e[:, :, :, :1], e_m, 1e-6)
+    assert_close("segment decays", dend[:, :, 0], dend_m, 1e-6)
+    ds_end, _ = kb.chain_adjoints(jnp.zeros_like(send[:, 0]), send, dend[:, :, 0])
+    hs = jnp.zeros((2, B * H, T // 64, K, V), jnp.float32)  # dv does not read the states
+    *_, dv_t, _, _, _ = kb.bwd_grads_gpu(w, q, k, v, do, g1, g2, hs, dl, e, ds_end, a, kv_f32=True, scale=scale,
+                                         cfg=cfg, P=P, interpret=True)  # fmt: skip
+    dv_m = km.dv_mgpu(kd, dl, e[:, :, :, 0], ds_end, a, do, P=P, out_dtype=jnp.float32, interpret=True)
+    assert_close("dv", dv_t, dv_m, 1e-4)
+
+
 def test_rec_auto_resolution():
     """`GpuConfig.rec="auto"` picks the Mosaic GPU kernels (and kd's bfloat16 halves) only where they apply."""
     from dsla_jax.ops.dsla.pallas import resolve_rec
@@ -319,11 +349,12 @@ def test_mosaic_recurrent_kernel_lowers():
     fn = pallas_fn("gpu", 64, cfg, interpret=False)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 2
-    # Under differentiation the backward's state and adjoint passes are Mosaic kernels too (`bwd_states_mosaic`,
-    # `bwd_adjoints_mosaic`).
+    # Under differentiation the backward's state and adjoint passes and its dv kernel are Mosaic kernels too
+    # (`bwd_states_mosaic`, `bwd_adjoints_mosaic`, `bwd_dv_mosaic`).
     loss = lambda *a: fn(*a)[0].astype(jnp.float32).sum()  # noqa: E731
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "dsla_chunk_states_mgpu" in text and "dsla_chunk_adjoints_mgpu" in text
+    for name in ("dsla_chunk_states_mgpu", "dsla_chunk_adjoints_mgpu", "dsla_dv_mgpu"):
+        assert name in text, name
 
 
 def _kernel_primitives(fn, args) -> dict[str, set[str]]:

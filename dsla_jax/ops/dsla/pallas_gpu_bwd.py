@@ -395,9 +395,10 @@ def bwd_grads_gpu(
     P: int,
     interpret=False,
     kv_f32: bool = False,
+    with_dv: bool = True,
 ):
     """Every input gradient, every chunk in parallel, from `chunk_states_gpu`'s per-chunk states (two kernels: dq / dk
-    / dg per key tile, dv per value tile).
+    / dg per key tile, dv per value tile; dv is None without `with_dv`: the caller computes it).
 
     Args:
         w: [2] float32 mix; q, k, g1, g2: [B, T, H, K]; v, do: [B, T, H, V];
@@ -465,6 +466,8 @@ def bwd_grads_gpu(
         interpret=interpret,
         name="dsla_bwd_dqk",
     )(w, q, k, v, do, g1, g2, hs, dl, e, ds_end, *intra)
+    if not with_dv:
+        return dq, dk, None, dg1, dg2, dw
     dv = pl.pallas_call(
         functools.partial(_dv_kernel, H=H, BT=BT, BK=min(cfg.dv_block_k or BK, K), BV=BVd, NC=NC, nm=nm),
         out_shape=jax.ShapeDtypeStruct((B, T, H, V), f32 if kv_f32 else q.dtype),
