@@ -296,6 +296,7 @@ def test_mosaic_backward_kernels_match_triton_twins():
     on the same forward residuals: two segments, gates near -50 in part of the channels."""
     from dsla_jax.ops.dsla import pallas_gpu as kg
     from dsla_jax.ops.dsla import pallas_gpu_bwd as kb
+    from dsla_jax.ops.dsla import pallas_gpu_bwd_mgpu as kbm
     from dsla_jax.ops.dsla import pallas_gpu_rec_mgpu as km
 
     B, T, H, K, V, P = 1, 256, 2, 64, 128, 2
@@ -317,7 +318,7 @@ def test_mosaic_backward_kernels_match_triton_twins():
     hs = jnp.zeros((2, B * H, T // 64, K, V), jnp.float32)  # dv does not read the states
     *_, dv_t, _, _, _ = kb.bwd_grads_gpu(w, q, k, v, do, g1, g2, hs, dl, e, ds_end, a, kv_f32=True, scale=scale,
                                          cfg=cfg, P=P, interpret=True)  # fmt: skip
-    dv_m = km.dv_mgpu(kd, dl, e[:, :, :, 0], ds_end, a, do, P=P, out_dtype=jnp.float32, interpret=True)
+    dv_m = kbm.dv_mgpu(kd, dl, e[:, :, :, 0], ds_end, a, do, P=P, out_dtype=jnp.float32, interpret=True)
     assert_close("dv", dv_t, dv_m, 1e-4)
 
 

@@ -221,10 +221,10 @@ def _gpu_bwd_split(res, do, ds_T, *, scale, cfg, P, interpret, kv_f32=False):
         w, q, k, v, do, g1, g2, hs, dl, e, ds_end, a, kv_f32=kv_f32, with_dv=not dv_mosaic, **kw
     )
     if dv_mosaic:  # from the Mosaic forward's kd halves (`GpuConfig.bwd_dv_mosaic`)
-        from dsla_jax.ops.dsla import pallas_gpu_rec_mgpu as km
+        from dsla_jax.ops.dsla import pallas_gpu_bwd_mgpu as kbm
 
         out = f32 if kv_f32 else q.dtype
-        dv = km.dv_mgpu(kd, dl, e[:, :, :, 0], ds_end, a, do, out_dtype=out, **tiles)
+        dv = kbm.dv_mgpu(kd, dl, e[:, :, :, 0], ds_end, a, do, out_dtype=out, **tiles)
     return dq, dk, dv, dg1, dg2, jnp.sum(dw, axis=(1, 2, 3)), dh0
 
 
