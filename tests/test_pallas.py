@@ -292,8 +292,8 @@ def test_mosaic_recurrent_kernel_interpret(case):
 
 
 def test_mosaic_backward_kernels_match_triton_twins():
-    """The backward's Mosaic GPU adjoint pass and dv kernel (interpreter) against their Triton twins (interpreter)
-    on the same forward residuals: two segments, gates near -50 in part of the channels."""
+    """The backward's Mosaic GPU adjoint pass, dv and dq / dk kernels (interpreter) against their Triton twins
+    (interpreter) on the same forward residuals: two segments, gates near -50 in part of the channels."""
     from dsla_jax.ops.dsla import pallas_gpu as kg
     from dsla_jax.ops.dsla import pallas_gpu_bwd as kb
     from dsla_jax.ops.dsla import pallas_gpu_bwd_mgpu as kbm
@@ -320,6 +320,16 @@ def test_mosaic_backward_kernels_match_triton_twins():
                                          cfg=cfg, P=P, interpret=True)  # fmt: skip
     dv_m = kbm.dv_mgpu(kd, dl, e[:, :, :, 0], ds_end, a, do, P=P, out_dtype=jnp.float32, interpret=True)
     assert_close("dv", dv_t, dv_m, 1e-4)
+    # The dq / dk kernel, from the same states and adjoints (the states here: the Triton state pass's).
+    hs, _ = kb.chunk_states_gpu(w, k, v, g1, g2, jnp.zeros((B * H, P, 2, K, V), jnp.float32), reverse=False,
+                                scale=scale, cfg=cfg, P=P, interpret=True)  # fmt: skip
+    want = kb.bwd_grads_gpu(w, q, k, v, do, g1, g2, hs, dl, e, ds_end, a, kv_f32=True, scale=scale, cfg=cfg, P=P,
+                            interpret=True, with_dv=False)  # fmt: skip
+    dqi, dki = kb.intra_terms_gpu(q, k, v, do, g1, g2, cfg=cfg, interpret=True)
+    got = kbm.dqk_mgpu(w, q, k, v, do, g1, g2, hs, dl, e[:, :, :, 0], ds_end, dqi, dki, scale=scale, P=P,
+                       kv_f32=True, interpret=True)  # fmt: skip
+    for name, t, m in zip(("dq", "dk", "dg1", "dg2", "dw"), (*want[:2], *want[3:]), got):
+        assert_close(name, t, m, 2e-4)  # (dq is bfloat16 on both sides: 2.8e-5 apart; the rest ~1e-6)
 
 
 def test_rec_auto_resolution():

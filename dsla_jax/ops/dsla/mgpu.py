@@ -94,3 +94,12 @@ def zeros(shape: tuple[int, ...], layout, interpret: bool) -> jax.Array:
 
     z = jnp.zeros(shape, f32)
     return z if interpret else plgpu.layout_cast(z, layout)
+
+
+def iota(shape: tuple[int, ...], dim: int, layout, interpret: bool) -> jax.Array:
+    """int32 indices along `dim` in a register layout (a plain iota in the interpreter)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if interpret:
+        return lax.broadcasted_iota(jnp.int32, shape, dim)
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=layout)

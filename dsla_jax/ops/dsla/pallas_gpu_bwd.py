@@ -376,6 +376,36 @@ def _dv_kernel(a_ref, k_ref, do_ref, g1_ref, g2_ref, dl_ref, e_ref, dend_ref, dv
     dv_ref[b, ts, h, vs] = dv.astype(dv_ref.dtype)
 
 
+def intra_terms_gpu(q, k, v, do, g1, g2, *, cfg: GpuConfig, interpret=False) -> tuple[jax.Array, jax.Array]:
+    """The intra-chunk terms of dq and dk of each state, [2, B * H, T, K] float32 each (grads_order "split";
+    `_dqk_intra_kernel`): the fast path for every chunk, then the exact path in place where the decay range needs it.
+    """
+    B, T, H, K = q.shape
+    BT, BV = cfg.bwd_chunk, min(cfg.grads_block_v, v.shape[-1])
+    BKi = min(cfg.dqk_intra_block_k or cfg.block_k, K)
+    params = _compiler_params(cfg.dqk_intra_num_warps or cfg.grads_num_warps, cfg.grads_num_stages, interpret)
+    ikw = dict(H=H, BT=BT, BK=BKi, BV=BV, nm=_bwd_numerics(cfg))
+    grid = (2 * (K // BKi), B * H, T // BT)  # (state, key tile) fastest: the programs of a chunk share do, v, q, k
+    intra = pl.pallas_call(
+        functools.partial(_dqk_intra_kernel, exact=False, **ikw),
+        out_shape=(jax.ShapeDtypeStruct((2, B * H, T, K), f32),) * 2 + (jax.ShapeDtypeStruct(grid, f32),),
+        grid=grid,
+        compiler_params=params,
+        interpret=interpret,
+        name="dsla_bwd_dqk_intra",
+    )(q, k, v, do, g1, g2)
+    dqi, dki = pl.pallas_call(  # the exact path where a chunk's decay range needs it, in place
+        functools.partial(_dqk_intra_kernel, exact=True, **ikw),
+        out_shape=(jax.ShapeDtypeStruct((2, B * H, T, K), f32),) * 2,
+        grid=grid,
+        input_output_aliases={7: 0, 8: 1},
+        compiler_params=params,
+        interpret=interpret,
+        name="dsla_bwd_dqk_exact",
+    )(q, k, v, do, g1, g2, intra[2], *intra[:2])
+    return dqi, dki
+
+
 def bwd_grads_gpu(
     w,
     q,
@@ -426,32 +456,10 @@ def bwd_grads_gpu(
         )
     cum_dot = cfg.grads_cumsum if cfg.grads_cumsum != "dot" else ("ieee" if nm.intra_dot == "ieee" else "tf32x3")
     params = _compiler_params(cfg.grads_num_warps, cfg.grads_num_stages, interpret)
-    intra_params = _compiler_params(cfg.dqk_intra_num_warps or cfg.grads_num_warps, cfg.grads_num_stages, interpret)
     dv_params = _compiler_params(cfg.dv_num_warps or cfg.grads_num_warps, cfg.grads_num_stages, interpret)
     BVd = min(cfg.dv_block_v or BV, V)
     kw = dict(H=H, BT=BT, BK=BK, BV=BV, NC=NC, scale=scale, nm=nm)
-    intra = ()
-    if cfg.grads_order == "split":
-        BKi = min(cfg.dqk_intra_block_k or BK, K)
-        ikw = dict(H=H, BT=BT, BK=BKi, BV=BV, nm=nm)
-        grid = (2 * (K // BKi), B * H, N)  # (state, key tile) fastest: the programs of a chunk share do, v, q, k
-        intra = pl.pallas_call(
-            functools.partial(_dqk_intra_kernel, exact=False, **ikw),
-            out_shape=(jax.ShapeDtypeStruct((2, B * H, T, K), f32),) * 2 + (jax.ShapeDtypeStruct(grid, f32),),
-            grid=grid,
-            compiler_params=intra_params,
-            interpret=interpret,
-            name="dsla_bwd_dqk_intra",
-        )(q, k, v, do, g1, g2)
-        intra = pl.pallas_call(  # the exact path where a chunk's decay range needs it, in place
-            functools.partial(_dqk_intra_kernel, exact=True, **ikw),
-            out_shape=(jax.ShapeDtypeStruct((2, B * H, T, K), f32),) * 2,
-            grid=grid,
-            input_output_aliases={7: 0, 8: 1},
-            compiler_params=intra_params,
-            interpret=interpret,
-            name="dsla_bwd_dqk_exact",
-        )(q, k, v, do, g1, g2, intra[2], *intra[:2])
+    intra = intra_terms_gpu(q, k, v, do, g1, g2, cfg=cfg, interpret=interpret) if cfg.grads_order == "split" else ()
     dq, dk, dg1, dg2, dw = pl.pallas_call(
         functools.partial(_dqk_kernel, cum_dot=cum_dot, order=cfg.grads_order, **kw),
         out_shape=(
