@@ -360,11 +360,11 @@ def test_mosaic_recurrent_kernel_lowers():
     fn = pallas_fn("gpu", 64, cfg, interpret=False)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 2
-    # Under differentiation the backward's state and adjoint passes and its dv kernel are Mosaic kernels too
-    # (`bwd_states_mosaic`, `bwd_adjoints_mosaic`, `bwd_dv_mosaic`).
+    # Under differentiation the backward's state and adjoint passes and its dv and dq / dk kernels are Mosaic kernels
+    # too (`bwd_states_mosaic`, `bwd_adjoints_mosaic`, `bwd_dv_mosaic`, `bwd_dqk_mosaic`).
     loss = lambda *a: fn(*a)[0].astype(jnp.float32).sum()  # noqa: E731
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    for name in ("dsla_chunk_states_mgpu", "dsla_chunk_adjoints_mgpu", "dsla_dv_mgpu"):
+    for name in ("dsla_chunk_states_mgpu", "dsla_chunk_adjoints_mgpu", "dsla_dv_mgpu", "dsla_dqk_mgpu"):
         assert name in text, name
 
 

@@ -217,9 +217,20 @@ def _gpu_bwd_split(res, do, ds_T, *, scale, cfg, P, interpret, kv_f32=False):
         dend = dend[:, :, 0]
     ds_end, dh0 = kb.chain_adjoints(ds_T, send, dend)
     dv_mosaic = kd is not None and cfg.bwd_dv_mosaic
-    dq, dk, dv, dg1, dg2, dw = kb.bwd_grads_gpu(
-        w, q, k, v, do, g1, g2, hs, dl, e, ds_end, a, kv_f32=kv_f32, with_dv=not dv_mosaic, **kw
-    )
+    sixteen = all(jnp.dtype(x.dtype).itemsize == 2 for x in (q, k, v, do, g1, g2)) and g1.dtype == g2.dtype
+    if mosaic_res is not None and cfg.bwd_dqk_mosaic and cfg.grads_order == "split" and sixteen:
+        from dsla_jax.ops.dsla import pallas_gpu_bwd_mgpu as kbm
+
+        dqi, dki = kb.intra_terms_gpu(q, k, v, do, g1, g2, cfg=cfg, interpret=interpret)
+        dq, dk, dg1, dg2, dw = kbm.dqk_mgpu(
+            w, q, k, v, do, g1, g2, hs, dl, e[:, :, :, 0], ds_end, dqi, dki, scale=scale, P=P, chunk=cfg.chunk,
+            kv_f32=kv_f32, interpret=interpret,
+        )  # fmt: skip
+        dv = None if dv_mosaic else kb.dv_gpu(w, q, k, v, do, g1, g2, dl, e, ds_end, a, kv_f32=kv_f32, **kw)
+    else:
+        dq, dk, dv, dg1, dg2, dw = kb.bwd_grads_gpu(
+            w, q, k, v, do, g1, g2, hs, dl, e, ds_end, a, kv_f32=kv_f32, with_dv=not dv_mosaic, **kw
+        )
     if dv_mosaic:  # from the Mosaic forward's kd halves (`GpuConfig.bwd_dv_mosaic`)
         from dsla_jax.ops.dsla import pallas_gpu_bwd_mgpu as kbm
 

@@ -456,8 +456,6 @@ def bwd_grads_gpu(
         )
     cum_dot = cfg.grads_cumsum if cfg.grads_cumsum != "dot" else ("ieee" if nm.intra_dot == "ieee" else "tf32x3")
     params = _compiler_params(cfg.grads_num_warps, cfg.grads_num_stages, interpret)
-    dv_params = _compiler_params(cfg.dv_num_warps or cfg.grads_num_warps, cfg.grads_num_stages, interpret)
-    BVd = min(cfg.dv_block_v or BV, V)
     kw = dict(H=H, BT=BT, BK=BK, BV=BV, NC=NC, scale=scale, nm=nm)
     intra = intra_terms_gpu(q, k, v, do, g1, g2, cfg=cfg, interpret=interpret) if cfg.grads_order == "split" else ()
     dq, dk, dg1, dg2, dw = pl.pallas_call(
@@ -476,6 +474,22 @@ def bwd_grads_gpu(
     )(w, q, k, v, do, g1, g2, hs, dl, e, ds_end, *intra)
     if not with_dv:
         return dq, dk, None, dg1, dg2, dw
+    return dq, dk, dv_gpu(w, q, k, v, do, g1, g2, dl, e, ds_end, a, scale=scale, cfg=cfg, P=P, interpret=interpret,
+                          kv_f32=kv_f32), dg1, dg2, dw  # fmt: skip
+
+
+def dv_gpu(w, q, k, v, do, g1, g2, dl, e, ds_end, a, *, scale: float, cfg: GpuConfig, P: int, interpret=False,
+           kv_f32: bool = False):  # fmt: skip
+    """dv of every chunk in parallel (`_dv_kernel`; arguments as `bwd_grads_gpu`; w and scale unused: the mix and
+    scale are in the stored scores and adjoints)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    BT, BK, BV = cfg.bwd_chunk, min(cfg.block_k, K), min(cfg.grads_block_v, V)
+    N = T // BT
+    NC = N // P
+    nm = _bwd_numerics(cfg)
+    dv_params = _compiler_params(cfg.dv_num_warps or cfg.grads_num_warps, cfg.grads_num_stages, interpret)
+    BVd = min(cfg.dv_block_v or BV, V)
     dv = pl.pallas_call(
         functools.partial(_dv_kernel, H=H, BT=BT, BK=min(cfg.dv_block_k or BK, K), BV=BVd, NC=NC, nm=nm),
         out_shape=jax.ShapeDtypeStruct((B, T, H, V), f32 if kv_f32 else q.dtype),
@@ -484,4 +498,4 @@ def bwd_grads_gpu(
         interpret=interpret,
         name="dsla_bwd_dv",
     )(a, k, do, g1, g2, dl, e, ds_end)
-    return dq, dk, dv, dg1, dg2, dw
+    return dv
