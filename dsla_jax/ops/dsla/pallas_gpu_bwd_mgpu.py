@@ -165,6 +165,7 @@ def dqk_mgpu(
     chunk: int = 64,
     kv_f32: bool = False,
     interpret: bool = False,
+    ablate: tuple[str, ...] = (),
 ) -> tuple[jax.Array, ...]:
     """dq, dk, dg1, dg2 and the mix gradient's pieces of every chunk in parallel (the split backward's dq / dk
     kernel, twin `pallas_gpu_bwd._dqk_kernel` with grads_order "split": the intra-chunk terms dqi, dki come from
@@ -186,6 +187,8 @@ def dqk_mgpu(
             V] float32 states entering / segment-local adjoints leaving every chunk; e: [2, B * H, N, K] float32
             decays to the segment end; ds_end: [B * H, P, 2, K, V] float32; dqi, dki: [2, B * H, T, K] float32.
         kv_f32: dk, dg1, dg2 in float32 (grouped heads: summed per kv head by the caller).
+        ablate: for timing studies only (the results are then wrong): "col_sums" replaces the sums over tokens
+            (across warps) by zeros, "cumsums" skips the triangle WGMMAs, "states" skips the state tiles.
 
     Returns:
         dq [B, T, H, K] (q's dtype), dk, dg1, dg2 [B, T, H, K] (float32 with kv_f32, else k's / g's dtype) and the
@@ -248,12 +251,16 @@ def dqk_mgpu(
         cp(e_ref.at[:, bh, c, ks], e_sm, bar.at[F])
         cp(w_ref.at[:, ks], w_sm, bar.at[F + 1])
         fetch_intra(0)
-        fetch_states(0)
+        if "states" not in ablate:
+            fetch_states(0)
         _wait(bar, 4, 2 * nv + 2)
         dvd = sum(
             jnp.sum(ld(do_sm.at[j], acc).astype(f32) * ld(v_sm.at[j], acc).astype(f32), axis=1) for j in range(nv)
         )
         dvd = lax.broadcast_in_dim(dvd, (BT, BK), [0])  # do_t . v_t on every key channel
+
+        def colsum(x):  # [BT, BK] -> [BK]: over the rows, which span the warps
+            return zeros((BK,), acc.reduce(0), interpret) if "col_sums" in ablate else jnp.sum(x, axis=0)
 
         def triangle(lower: bool) -> jax.Array:  # [t, i] bfloat16: 1 where i <= t (lower) or i >= t
             t, i = iota((BT, BT), 0, acc, interpret), iota((BT, BT), 1, acc, interpret)
@@ -265,7 +272,7 @@ def dqk_mgpu(
             dqh = vds = zeros((BT, BK), acc, interpret)
             hsum = None
             ec = lax.broadcast_in_dim(ld(e_sm.at[s], acc.reduce(1)), (BK, BV), [0])
-            for j in range(nv):
+            for j in range(nv if "states" not in ablate else 0):
                 i = s * nv + j
                 _wait(bar, ST + 3 * i, 3)
                 hst = ld(st_sm.at[0], acc)  # [BK, BV]
@@ -279,12 +286,17 @@ def dqk_mgpu(
                     fetch_states(i + 1)
                 dqh = mma(dqh, [(do_sm.at[j], ("T", hl_sm.at[0])), (do_sm.at[j], ("T", hl_sm.at[1]))])
                 vds = mma(vds, [(v_sm.at[j], ("T", hl_sm.at[2])), (v_sm.at[j], ("T", hl_sm.at[3]))])
+            if hsum is None:  # (ablation)
+                hsum = zeros((BK,), acc.reduce(1), interpret)
             vec_sm[...] = hsum  # sum_V H * D per key channel: rows here, columns below (through shared memory)
             hl_sm.at[0][...] = triangle(lower=True)
             plgpu.commit_smem()
             _wait(bar, 2 + s, 1)
-            bg = mma(zeros((BT, BK), acc, interpret), [(hl_sm.at[0], g_sm.at[s])])  # inclusive cumsum over tokens
-            bl = lax.broadcast_in_dim(jnp.sum(ld(g_sm.at[s], acc).astype(f32), axis=0), (BT, BK), [1])
+            if "cumsums" in ablate:
+                bg = ld(g_sm.at[s], acc).astype(f32)
+            else:  # inclusive cumsum over tokens
+                bg = mma(zeros((BT, BK), acc, interpret), [(hl_sm.at[0], g_sm.at[s])])
+            bl = lax.broadcast_in_dim(colsum(ld(g_sm.at[s], acc).astype(f32)), (BT, BK), [1])
             if s == 0:
                 _wait(bar, 0, 2)  # q, k
             qf, kf = ld(q_sm, acc).astype(f32), ld(k_sm, acc).astype(f32)
@@ -295,10 +307,10 @@ def dqk_mgpu(
             ek = jnp.exp(jnp.minimum(bl - bg, 0.0))
             dq_s = scale * (dqh * jnp.exp(bg) + ld(iq_sm.at[0], acc))
             dk_s = vds * ek + (scale * ws) * ld(iq_sm.at[1], acc)
-            nxt = jnp.exp(bl) * hsb + lax.broadcast_in_dim(jnp.sum(kf * ek * vds, axis=0), (BT, BK), [1])
+            nxt = jnp.exp(bl) * hsb + lax.broadcast_in_dim(colsum(kf * ek * vds), (BT, BK), [1])
             r = ws * qf * dq_s - kf * dk_s
             dq_full = dq_s + scale * dvd * kf
-            dw = jnp.sum(qf * dq_full, axis=0)
+            dw = colsum(qf * dq_full)
             dq = ws * dq_full if dq is None else dq + ws * dq_full
             dk = dk_s if dk is None else dk + dk_s
             plgpu.commit_smem()  # iq_sm and vec_sm are read
@@ -308,7 +320,10 @@ def dqk_mgpu(
             upper = hl_sm.at[3]
             upper[...] = triangle(lower=False)
             plgpu.commit_smem()
-            dg = mma(nxt, [(upper, hl_sm.at[1]), (upper, hl_sm.at[2])])  # sum_{i >= t} r_i + the boundary term
+            if "cumsums" in ablate:
+                dg = nxt + r
+            else:  # sum_{i >= t} r_i + the boundary term
+                dg = mma(nxt, [(upper, hl_sm.at[1]), (upper, hl_sm.at[2])])
             if s:
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # state 0's dg and dw have left
             dg_sm[...] = dg.astype(dg_sm.dtype)
