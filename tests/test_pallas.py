@@ -298,6 +298,7 @@ def test_mosaic_backward_kernels_match_triton_twins():
     from dsla_jax.ops.dsla import pallas_gpu_bwd as kb
     from dsla_jax.ops.dsla import pallas_gpu_bwd_mgpu as kbm
     from dsla_jax.ops.dsla import pallas_gpu_rec_mgpu as km
+    from dsla_jax.ops.dsla.pallas import chunk_gate_sums
 
     B, T, H, K, V, P = 1, 256, 2, 64, 128, 2
     q, k, v, g1, g2, _, _ = make_inputs(11, B, T, H, H, K, V, jnp.bfloat16, ("logsig", "strong"))
@@ -321,14 +322,17 @@ def test_mosaic_backward_kernels_match_triton_twins():
     dv_m = kbm.dv_mgpu(kd, dl, e[:, :, :, 0], ds_end, a, do, P=P, out_dtype=jnp.float32, interpret=True)
     assert_close("dv", dv_t, dv_m, 1e-4)
     # The dq / dk kernel, from the same states and adjoints (the states here: the Triton state pass's).
-    hs, _ = kb.chunk_states_gpu(w, k, v, g1, g2, jnp.zeros((B * H, P, 2, K, V), jnp.float32), reverse=False,
-                                scale=scale, cfg=cfg, P=P, interpret=True)  # fmt: skip
+    s_in = jnp.zeros((B * H, 1, 2, K, V), jnp.float32)  # one segment from zero: the true states
+    hs, ends = kb.chunk_states_gpu(w, k, v, g1, g2, s_in, reverse=False, scale=scale, cfg=cfg, P=1, interpret=True)
     want = kb.bwd_grads_gpu(w, q, k, v, do, g1, g2, hs, dl, e, ds_end, a, kv_f32=True, scale=scale, cfg=cfg, P=P,
                             interpret=True, with_dv=False)  # fmt: skip
     dqi, dki = kb.intra_terms_gpu(q, k, v, do, g1, g2, cfg=cfg, interpret=True)
-    got = kbm.dqk_mgpu(w, q, k, v, do, g1, g2, hs, dl, e[:, :, :, 0], ds_end, dqi, dki, scale=scale, P=P,
-                       kv_f32=True, interpret=True)  # fmt: skip
-    for name, t, m in zip(("dq", "dk", "dg1", "dg2", "dw"), (*want[:2], *want[3:]), got):
+    bl = chunk_gate_sums(g1, g2, 64)
+    got = kbm.dqk_mgpu(w, q, k, v, do, g1, g2, hs, dl, e[:, :, :, 0], ds_end, dqi, dki, bl, ends[:, 0],
+                       scale=scale, P=P, kv_f32=True, interpret=True)  # fmt: skip
+    got = (*got[:4], jnp.sum(got[4], axis=(1, 2, 3)))
+    want = (*want[:2], *want[3:5], jnp.sum(want[5], axis=(1, 2, 3)))
+    for name, t, m in zip(("dq", "dk", "dg1", "dg2", "dw"), want, got):
         assert_close(name, t, m, 2e-4)  # (dq is bfloat16 on both sides: 2.8e-5 apart; the rest ~1e-6)
 
 

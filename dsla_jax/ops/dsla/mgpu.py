@@ -17,13 +17,13 @@ from jax import lax
 f32 = jnp.float32
 
 
-def lane_semantics():
+def lane_semantics(**params):
     """Mosaic GPU compiler parameters with per-lane (`Lane`) lowering semantics: JAX 0.10's default, and what the
     kernels here are written and checked for (JAX 0.11 defaults to `Warpgroup`, whose lowering rejects the
-    recurrent kernel's `run_state` accumulators)."""
+    recurrent kernel's `run_state` accumulators). `params`: further `plgpu.CompilerParams` fields."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
+    return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane, **params)
 
 
 def interpret_params():
@@ -36,15 +36,17 @@ def interpret_params():
     return params()
 
 
-def launch(body: Callable, *, name: str, interpret: bool, **kernel_kw):
-    """`plgpu.kernel(body, ...)` with Lane semantics, named, in the interpreter when `interpret`."""
+def launch(body: Callable, *, name: str, interpret: bool, reduction_scratch_bytes: int | None = None, **kernel_kw):
+    """`plgpu.kernel(body, ...)` with Lane semantics, named, in the interpreter when `interpret`;
+    `reduction_scratch_bytes`: shared memory for reductions across warps (None: Mosaic GPU's default, 2 KB)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
+    extra = {} if reduction_scratch_bytes is None else dict(reduction_scratch_bytes=reduction_scratch_bytes)
     return plgpu.kernel(
         body,
         interpret=interpret_params() if interpret else None,
         kernel_name=name,
-        compiler_params=lane_semantics(),
+        compiler_params=lane_semantics(**extra),
         **kernel_kw,
     )
 

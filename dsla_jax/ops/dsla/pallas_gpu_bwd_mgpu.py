@@ -159,40 +159,43 @@ def dqk_mgpu(
     ds_end: jax.Array,
     dqi: jax.Array,
     dki: jax.Array,
+    bl: jax.Array,
+    s_T: jax.Array,
     *,
     scale: float,
     P: int,
     chunk: int = 64,
     kv_f32: bool = False,
     interpret: bool = False,
-    ablate: tuple[str, ...] = (),
 ) -> tuple[jax.Array, ...]:
     """dq, dk, dg1, dg2 and the mix gradient's pieces of every chunk in parallel (the split backward's dq / dk
     kernel, twin `pallas_gpu_bwd._dqk_kernel` with grads_order "split": the intra-chunk terms dqi, dki come from
-    `_dqk_intra_kernel`). Per program (64-key tile, batch x head, chunk) and state s, with w_s the mix weight,
-    b the chunk-local inclusive gate cumsum, bL its last row, H the state entering the chunk and D = Dloc +
+    `_dqk_intra_kernel`). Per program (64-key tile, batch x head, chunk c) and state s, with w_s the mix weight,
+    b the chunk-local inclusive gate cumsum, bL its last row, H_c the state entering the chunk and D = Dloc +
     diag(e) dS_end the adjoint of the state leaving it:
 
-        dq_s = scale (exp(b) * (do H^T) + dqi_s)           dk_s = exp(bL - b) * (v D^T) + w_s scale dki_s
-        dg_s,t = sum_{i >= t} (w_s q dq_s - k dk_s)_i + exp(bL) sum_V H * D + sum_i k_i exp(bL - b_i) (v D^T)_i
+        dq_s = scale (exp(b) * (do H_c^T) + dqi_s)          dk_s = exp(bL - b) * (v D^T) + w_s scale dki_s
+        dg_s,t = sum_{i >= t} (w_s q dq_s - k dk_s)_i + sum_V H_{c+1} * D
         dq = sum_s w_s (dq_s + scale (do . v) k)           dk = sum_s dk_s + (w_1 + w_2) scale (do . v) q
 
-    The state tiles come in [64, 64] float32 pieces (H, Dloc, dS_end), are combined in registers and split into
-    bfloat16 halves for the products with do and v (bf16 WGMMAs reading them transposed); the gate cumsum and the
-    reverse cumsum are bf16 WGMMAs with 0 / 1 triangles (exact for 16-bit gates; the reverse cumsum's operand in
-    halves). Every exponent is <= 0.
+    (sum_V H_{c+1} * D is the gate gradient's boundary term, exp(bL) sum_V H_c * D + sum_i kd_i (v_i D^T): read
+    from the next chunk's entering state, or the final state for the last chunk, it needs no sum over tokens.)
+    The state tiles come in [64, 64] float32 pieces (H_c, Dloc, dS_end, H_{c+1}), are combined in registers, and
+    H_c and D are split into bfloat16 halves for the products with do and v (bf16 WGMMAs reading them transposed).
+    The gate cumsum and the reverse cumsum are bf16 WGMMAs with 0 / 1 triangles (exact for 16-bit gates; the
+    reverse cumsum's operand in halves); every sum over tokens is a WGMMA or a per-token sum within a warp (v10's
+    cross-warp column sums cost 2.65 of its 4.65 ms). Every exponent is <= 0.
 
     Args:
         w: [2] float32 mix; q, k, g1, g2: [B, T, H, K] 16-bit; v, do: [B, T, H, V] 16-bit; hs, dl: [2, B * H, N, K,
             V] float32 states entering / segment-local adjoints leaving every chunk; e: [2, B * H, N, K] float32
-            decays to the segment end; ds_end: [B * H, P, 2, K, V] float32; dqi, dki: [2, B * H, T, K] float32.
+            decays to the segment end; ds_end: [B * H, P, 2, K, V] float32; dqi, dki: [2, B * H, T, K] float32;
+            bl: [2, B * H, N, K] float32 per-chunk gate sums; s_T: [B * H, 2, K, V] float32 final states.
         kv_f32: dk, dg1, dg2 in float32 (grouped heads: summed per kv head by the caller).
-        ablate: for timing studies only (the results are then wrong): "col_sums" replaces the sums over tokens
-            (across warps) by zeros, "cumsums" skips the triangle WGMMAs, "states" skips the state tiles.
 
     Returns:
         dq [B, T, H, K] (q's dtype), dk, dg1, dg2 [B, T, H, K] (float32 with kv_f32, else k's / g's dtype) and the
-        mix gradient's pieces [2, B * H, N, K] float32.
+        mix gradient's pieces [2, B * H, N, (K / 64) * BT] float32 (dw_s is their sum).
     """
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -209,33 +212,43 @@ def dqk_mgpu(
     if g1.dtype != g2.dtype:
         raise ValueError(f"the Mosaic GPU dq / dk kernel needs both gates in one dtype, got {g1.dtype}, {g2.dtype}")
     N = T // BT
-    NC, nv = N // P, V // BV
+    NC, nv, nk = N // P, V // BV, K // BK
     acc = plgpu.Layout.WGMMA
     sw32, sw16 = swizzles()
     ld, mma = kernel_ops(interpret)
     wv = jnp.broadcast_to(w.astype(f32)[:, None], (2, K))
     dk_dt = f32 if kv_f32 else k.dtype
-    dg_dt = (f32, f32) if kv_f32 else (g1.dtype, g2.dtype)
-    F = 4 + 2 * nv  # barriers: q 0, k 1, g_s 2 + s, do tiles 4.., v tiles 4 + nv.., e F, w F + 1,
-    IQ = (F + 2, F + 4 + 6 * nv)  # dqi / dki of state s on IQ[s], IQ[s] + 1, state tiles (s, j) on ST + 3 (s nv + j)
-    ST = F + 4
+    dg_dt = f32 if kv_f32 else g1.dtype
+    # Barriers, each used once: q 0, k 1, g_s 2 + s, do tiles 4.., v tiles 4 + nv.., e F, w F + 1, bL F + 2,
+    # dqi / dki of state s on IQ[s], IQ[s] + 1, state tiles (s, j) on ST + 4 (s nv + j) + 0..3.
+    F = 4 + 2 * nv
+    ST = F + 5
+    IQ = (F + 3, ST + 8 * nv)
     sw = lambda dt: sw32 if jnp.dtype(dt).itemsize == 4 else sw16  # noqa: E731
 
     def body(w_ref, q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, hs_ref, dl_ref, e_ref, de_ref, dqi_ref, dki_ref,
-             dq_ref, dk_ref, dg1_ref, dg2_ref, dw_ref, *scratch):  # fmt: skip
-        (q_sm, k_sm, g_sm, do_sm, v_sm, e_sm, w_sm, st_sm, hl_sm, iq_sm, vec_sm, dg_sm, dq_sm, dk_sm, dw_sm,
+             bl_ref, sT_ref, dq_ref, dk_ref, dg1_ref, dg2_ref, dw_ref, *scratch):  # fmt: skip
+        (q_sm, k_sm, g_sm, do_sm, v_sm, e_sm, w_sm, bl_sm, st_sm, hl_sm, iq_sm, vec_sm, dg_sm, dq_sm, dk_sm, dw_sm,
          bar) = scratch  # fmt: skip
         ik, bh, c = lax.axis_index("ik"), lax.axis_index("bh"), lax.axis_index("c")
         b, h, p = lax.div(bh, H), lax.rem(bh, H), lax.div(c, NC)
         ts, ks = pl.ds(c * BT, BT), pl.ds(ik * BK, BK)
         cp = plgpu.copy_gmem_to_smem
 
-        def fetch_states(i):  # state s = i // nv, value tile j = i % nv: H, Dloc, dS_end
+        def fetch_states(i):  # state s = i // nv, value tile j = i % nv: H_c, Dloc, dS_end, H_{c+1}
             s, j = divmod(i, nv)
             vs = pl.ds(j * BV, BV)
-            cp(hs_ref.at[s, bh, c, ks, vs], st_sm.at[0], bar.at[ST + 3 * i])
-            cp(dl_ref.at[s, bh, c, ks, vs], st_sm.at[1], bar.at[ST + 3 * i + 1])
-            cp(de_ref.at[bh, p, s, ks, vs], st_sm.at[2], bar.at[ST + 3 * i + 2])
+            cp(hs_ref.at[s, bh, c, ks, vs], st_sm.at[0], bar.at[ST + 4 * i])
+            cp(dl_ref.at[s, bh, c, ks, vs], st_sm.at[1], bar.at[ST + 4 * i + 1])
+            cp(de_ref.at[bh, p, s, ks, vs], st_sm.at[2], bar.at[ST + 4 * i + 2])
+
+            @pl.when(c + 1 < N)
+            def _():
+                cp(hs_ref.at[s, bh, c + 1, ks, vs], st_sm.at[3], bar.at[ST + 4 * i + 3])
+
+            @pl.when(c + 1 == N)
+            def _():
+                cp(sT_ref.at[bh, s, ks, vs], st_sm.at[3], bar.at[ST + 4 * i + 3])
 
         def fetch_intra(s):
             cp(dqi_ref.at[s, bh, ts, ks], iq_sm.at[0], bar.at[IQ[s]])
@@ -250,69 +263,60 @@ def dqk_mgpu(
             cp(v_ref.at[b, ts, h, pl.ds(j * BV, BV)], v_sm.at[j], bar.at[4 + nv + j])
         cp(e_ref.at[:, bh, c, ks], e_sm, bar.at[F])
         cp(w_ref.at[:, ks], w_sm, bar.at[F + 1])
+        cp(bl_ref.at[:, bh, c, ks], bl_sm, bar.at[F + 2])
         fetch_intra(0)
-        if "states" not in ablate:
-            fetch_states(0)
-        _wait(bar, 4, 2 * nv + 2)
-        dvd = sum(
-            jnp.sum(ld(do_sm.at[j], acc).astype(f32) * ld(v_sm.at[j], acc).astype(f32), axis=1) for j in range(nv)
-        )
-        dvd = lax.broadcast_in_dim(dvd, (BT, BK), [0])  # do_t . v_t on every key channel
+        fetch_states(0)
+        _wait(bar, 4, 2 * nv + 3)
+        f = lambda ref: ld(ref, acc).astype(f32)  # noqa: E731
+        dvd = sum(jnp.sum(f(do_sm.at[j]) * f(v_sm.at[j]), axis=1) for j in range(nv))  # do_t . v_t, [BT]
 
-        def colsum(x):  # [BT, BK] -> [BK]: over the rows, which span the warps
-            return zeros((BK,), acc.reduce(0), interpret) if "col_sums" in ablate else jnp.sum(x, axis=0)
+        def rows(x):  # [BT] per token -> [BT, BK]
+            return lax.broadcast_in_dim(x, (BT, BK), [0])
+
+        def cols(ref):  # a [BK] shared-memory vector -> [BT, BK]
+            return lax.broadcast_in_dim(ld(ref, acc.reduce(0)), (BT, BK), [1])
 
         def triangle(lower: bool) -> jax.Array:  # [t, i] bfloat16: 1 where i <= t (lower) or i >= t
             t, i = iota((BT, BT), 0, acc, interpret), iota((BT, BT), 1, acc, interpret)
             return jnp.clip((t - i if lower else i - t).astype(f32) + 1.0, 0.0, 1.0).astype(bf16)
 
-        wsum = None
         dq = dk = None
         for s in range(2):
             dqh = vds = zeros((BT, BK), acc, interpret)
-            hsum = None
-            ec = lax.broadcast_in_dim(ld(e_sm.at[s], acc.reduce(1)), (BK, BV), [0])
-            for j in range(nv if "states" not in ablate else 0):
+            nxt = None
+            for j in range(nv):
                 i = s * nv + j
-                _wait(bar, ST + 3 * i, 3)
-                hst = ld(st_sm.at[0], acc)  # [BK, BV]
-                dst = ld(st_sm.at[1], acc) + ec * ld(st_sm.at[2], acc)
-                part = jnp.sum(hst * dst, axis=1)
-                hsum = part if hsum is None else hsum + part
-                _halves(hst, hl_sm.at[0], hl_sm.at[1])
+                _wait(bar, ST + 4 * i, 4)
+                ec = lax.broadcast_in_dim(ld(e_sm.at[s], acc.reduce(1)), (BK, BV), [0])
+                dst = ld(st_sm.at[1], acc) + ec * ld(st_sm.at[2], acc)  # D [BK, BV]
+                part = jnp.sum(ld(st_sm.at[3], acc) * dst, axis=1)  # sum_V H_{c+1} * D, per key channel
+                nxt = part if nxt is None else nxt + part
+                _halves(ld(st_sm.at[0], acc), hl_sm.at[0], hl_sm.at[1])
                 _halves(dst, hl_sm.at[2], hl_sm.at[3])
                 plgpu.commit_smem()  # also a warpgroup barrier: st_sm is read
                 if i + 1 < 2 * nv:
                     fetch_states(i + 1)
                 dqh = mma(dqh, [(do_sm.at[j], ("T", hl_sm.at[0])), (do_sm.at[j], ("T", hl_sm.at[1]))])
                 vds = mma(vds, [(v_sm.at[j], ("T", hl_sm.at[2])), (v_sm.at[j], ("T", hl_sm.at[3]))])
-            if hsum is None:  # (ablation)
-                hsum = zeros((BK,), acc.reduce(1), interpret)
-            vec_sm[...] = hsum  # sum_V H * D per key channel: rows here, columns below (through shared memory)
+            vec_sm[...] = nxt  # rows (key channels) here, columns below: through shared memory
             hl_sm.at[0][...] = triangle(lower=True)
             plgpu.commit_smem()
             _wait(bar, 2 + s, 1)
-            if "cumsums" in ablate:
-                bg = ld(g_sm.at[s], acc).astype(f32)
-            else:  # inclusive cumsum over tokens
-                bg = mma(zeros((BT, BK), acc, interpret), [(hl_sm.at[0], g_sm.at[s])])
-            bl = lax.broadcast_in_dim(colsum(ld(g_sm.at[s], acc).astype(f32)), (BT, BK), [1])
+            bg = mma(zeros((BT, BK), acc, interpret), [(hl_sm.at[0], g_sm.at[s])])  # inclusive cumsum over tokens
             if s == 0:
                 _wait(bar, 0, 2)  # q, k
-            qf, kf = ld(q_sm, acc).astype(f32), ld(k_sm, acc).astype(f32)
-            ws = lax.broadcast_in_dim(ld(w_sm.at[s], acc.reduce(0)), (BT, BK), [1])
-            wsum = ws if wsum is None else wsum + ws
-            hsb = lax.broadcast_in_dim(ld(vec_sm, acc.reduce(0)), (BT, BK), [1])
             _wait(bar, IQ[s], 2)
-            ek = jnp.exp(jnp.minimum(bl - bg, 0.0))
+            ws = cols(w_sm.at[s])
+            ek = jnp.exp(jnp.minimum(cols(bl_sm.at[s]) - bg, 0.0))
             dq_s = scale * (dqh * jnp.exp(bg) + ld(iq_sm.at[0], acc))
             dk_s = vds * ek + (scale * ws) * ld(iq_sm.at[1], acc)
-            nxt = jnp.exp(bl) * hsb + lax.broadcast_in_dim(colsum(kf * ek * vds), (BT, BK), [1])
+            qf, kf = f(q_sm), f(k_sm)
             r = ws * qf * dq_s - kf * dk_s
-            dq_full = dq_s + scale * dvd * kf
-            dw = colsum(qf * dq_full)
+            dq_full = dq_s + scale * rows(dvd) * kf
+            dw = jnp.sum(qf * dq_full, axis=1)  # per token (within a warp); the caller sums everything
             dq = ws * dq_full if dq is None else dq + ws * dq_full
             dk = dk_s if dk is None else dk + dk_s
+            nxt = cols(vec_sm)
             plgpu.commit_smem()  # iq_sm and vec_sm are read
             if s == 0:
                 fetch_intra(1)
@@ -320,18 +324,16 @@ def dqk_mgpu(
             upper = hl_sm.at[3]
             upper[...] = triangle(lower=False)
             plgpu.commit_smem()
-            if "cumsums" in ablate:
-                dg = nxt + r
-            else:  # sum_{i >= t} r_i + the boundary term
-                dg = mma(nxt, [(upper, hl_sm.at[1]), (upper, hl_sm.at[2])])
+            dg = mma(nxt, [(upper, hl_sm.at[1]), (upper, hl_sm.at[2])])  # sum_{i >= t} r_i + the boundary term
             if s:
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # state 0's dg and dw have left
             dg_sm[...] = dg.astype(dg_sm.dtype)
             dw_sm[...] = dw
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(dg_sm, (dg1_ref, dg2_ref)[s].at[b, ts, h, ks])
-            plgpu.copy_smem_to_gmem(dw_sm, dw_ref.at[s, bh, c, ks])
-        dk = dk + scale * wsum * dvd * ld(q_sm, acc).astype(f32)
+            plgpu.copy_smem_to_gmem(dw_sm, dw_ref.at[s, bh, c, pl.ds(ik * BT, BT)])
+        wsum = cols(w_sm.at[0]) + cols(w_sm.at[1])
+        dk = dk + scale * wsum * rows(dvd) * f(q_sm)
         dq_sm[...] = dq.astype(dq_sm.dtype)
         dk_sm[...] = dk.astype(dk_sm.dtype)
         plgpu.commit_smem()
@@ -343,14 +345,15 @@ def dqk_mgpu(
         body,
         name="dsla_dqk_mgpu",
         interpret=interpret,
+        reduction_scratch_bytes=0,  # every reduction stays within a warp
         out_type=(
             jax.ShapeDtypeStruct((B, T, H, K), q.dtype),
             jax.ShapeDtypeStruct((B, T, H, K), dk_dt),
-            jax.ShapeDtypeStruct((B, T, H, K), dg_dt[0]),
-            jax.ShapeDtypeStruct((B, T, H, K), dg_dt[1]),
-            jax.ShapeDtypeStruct((2, B * H, N, K), f32),
+            jax.ShapeDtypeStruct((B, T, H, K), dg_dt),
+            jax.ShapeDtypeStruct((B, T, H, K), dg_dt),
+            jax.ShapeDtypeStruct((2, B * H, N, nk * BT), f32),
         ),
-        grid=(K // BK, B * H, N),
+        grid=(nk, B * H, N),
         grid_names=("ik", "bh", "c"),
         scratch_types=[
             plgpu.SMEM((BT, BK), q.dtype, transforms=sw16),
@@ -360,15 +363,16 @@ def dqk_mgpu(
             plgpu.SMEM((nv, BT, BV), v.dtype, transforms=sw16),
             plgpu.SMEM((2, BK), f32),  # e
             plgpu.SMEM((2, BK), f32),  # w
-            plgpu.SMEM((3, BK, BV), f32, transforms=sw32),  # H, Dloc, dS_end tiles
+            plgpu.SMEM((2, BK), f32),  # bL
+            plgpu.SMEM((4, BK, BV), f32, transforms=sw32),  # H_c, Dloc, dS_end, H_{c+1} tiles
             plgpu.SMEM((4, BK, BV), bf16, transforms=sw16),  # halves; later the triangles and r's halves
             plgpu.SMEM((2, BT, BK), f32, transforms=sw32),  # dqi_s, dki_s
-            plgpu.SMEM((BK,), f32),  # sum_V H * D
-            plgpu.SMEM((BT, BK), dg_dt[0], transforms=sw(dg_dt[0])),
+            plgpu.SMEM((BK,), f32),  # sum_V H_{c+1} * D
+            plgpu.SMEM((BT, BK), dg_dt, transforms=sw(dg_dt)),
             plgpu.SMEM((BT, BK), q.dtype, transforms=sw16),
             plgpu.SMEM((BT, BK), dk_dt, transforms=sw(dk_dt)),
-            plgpu.SMEM((BK,), f32),  # dw
+            plgpu.SMEM((BT,), f32),  # dw
             plgpu.Barrier(num_barriers=IQ[1] + 2),
         ],
     )
-    return kernel(wv, q, k, v, do, g1, g2, hs, dl, e, ds_end, dqi, dki)
+    return kernel(wv, q, k, v, do, g1, g2, hs, dl, e, ds_end, dqi, dki, bl, s_T)
