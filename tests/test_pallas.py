@@ -364,12 +364,16 @@ def test_mosaic_recurrent_kernel_lowers():
     fn = pallas_fn("gpu", 64, cfg, interpret=False)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 2
-    # Under differentiation the backward's state and adjoint passes and its dv and dq / dk kernels are Mosaic kernels
-    # too (`bwd_states_mosaic`, `bwd_adjoints_mosaic`, `bwd_dv_mosaic`, `bwd_dqk_mosaic`).
+    # Under differentiation the backward's state and adjoint passes and its dv kernel are Mosaic kernels too
+    # (`bwd_states_mosaic`, `bwd_adjoints_mosaic`, `bwd_dv_mosaic`; `bwd_dqk_mosaic` is opt-in).
     loss = lambda *a: fn(*a)[0].astype(jnp.float32).sum()  # noqa: E731
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    for name in ("dsla_chunk_states_mgpu", "dsla_chunk_adjoints_mgpu", "dsla_dv_mgpu", "dsla_dqk_mgpu"):
+    for name in ("dsla_chunk_states_mgpu", "dsla_chunk_adjoints_mgpu", "dsla_dv_mgpu"):
         assert name in text, name
+    fn = pallas_fn("gpu", 64, dataclasses.replace(cfg, bwd_dqk_mosaic=True), interpret=False)  # the experimental one
+    loss = lambda *a: fn(*a)[0].astype(jnp.float32).sum()  # noqa: E731
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "dsla_dqk_mgpu" in text
 
 
 def _kernel_primitives(fn, args) -> dict[str, set[str]]:
@@ -709,6 +713,17 @@ def test_gpu_compiled_mosaic_recurrent(split_dtype):
     B, T, H, Hk, K, V, dtype, gates = GPU_BIG[0]
     args = make_inputs(T, B, T, H, Hk, K, V, dtype, gates)
     cfg = GpuConfig(rec="mosaic", split_dtype=split_dtype)
+    check_against_oracle(pallas_fn("gpu", 64, cfg, interpret=False), args, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.xfail(reason="known: dg1 6.1e-3 > 2e-3 on an H200 with strong gates (v10 call 6; dqk_mgpu docstring)")
+def test_gpu_compiled_mosaic_dqk_experimental():
+    """The experimental Mosaic GPU dq / dk kernel (`bwd_dqk_mosaic=True`), compiled, every gradient."""
+    B, T, H, Hk, K, V, dtype, gates = GPU_BIG[0]
+    args = make_inputs(T, B, T, H, Hk, K, V, dtype, gates)
+    cfg = GpuConfig(rec="mosaic", split_dtype="float32", bwd_dqk_mosaic=True)
     check_against_oracle(pallas_fn("gpu", 64, cfg, interpret=False), args, dtype)
 
 

@@ -94,8 +94,11 @@ class GpuConfig:
             residual (8 bytes per token, head and key channel, as kd's halves) instead of recomputing decays.
         bwd_dv_mosaic: with rec "mosaic" and bwd_states_mosaic, the split backward's dv kernel runs on Mosaic GPU
             (`pallas_gpu_rec_mgpu.dv_mgpu`) from the forward's kd halves.
-        bwd_dqk_mosaic: with rec "mosaic", 16-bit inputs and grads_order "split", the split backward's dq / dk
-            kernel runs on Mosaic GPU (`pallas_gpu_bwd_mgpu.dqk_mgpu`).
+        bwd_dqk_mosaic: experimental, off by default: with rec "mosaic", 16-bit inputs and grads_order "split", the
+            split backward's dq / dk kernel runs on Mosaic GPU (`pallas_gpu_bwd_mgpu.dqk_mgpu`). On an H200 at B1
+            T8192 it takes 2.20 ms against the Triton kernel's 2.39 but forward + backward is no faster (5.53 vs
+            5.39-5.44 ms), and on the card its dg1 misses the bar with strong gates (6.1e-3 > 2e-3; v10, call 6):
+            not for training.
         split_dtype: storage of the split form's decayed queries and keys: "float32" (both), "bfloat16" (both) or
             "kd-bfloat16" (keys only: they feed the states; the queries feed the outputs directly) or "kd-bf16x2"
             (keys as two bfloat16 halves, queries rounded to tf32: the Mosaic GPU kernels' operands).
@@ -205,7 +208,7 @@ class GpuConfig:
     bwd_states_mosaic: bool = True
     bwd_adjoints_mosaic: bool = True
     bwd_dv_mosaic: bool = True
-    bwd_dqk_mosaic: bool = True
+    bwd_dqk_mosaic: bool = False
     onepass_block_k: int = 32
     onepass_block_v: int = 64
     onepass_num_warps: int = 8

@@ -170,7 +170,13 @@ def dqk_mgpu(
 ) -> tuple[jax.Array, ...]:
     """dq, dk, dg1, dg2 and the mix gradient's pieces of every chunk in parallel (the split backward's dq / dk
     kernel, twin `pallas_gpu_bwd._dqk_kernel` with grads_order "split": the intra-chunk terms dqi, dki come from
-    `_dqk_intra_kernel`). Per program (64-key tile, batch x head, chunk c) and state s, with w_s the mix weight,
+    `_dqk_intra_kernel`). Experimental (`GpuConfig.bwd_dqk_mosaic`, off by default): it matches the twin in the
+    interpreter, but on an H200 its dg1 is 6.1e-3 from the float32 oracle with strong gates (v10, call 6; the
+    twin: within 2e-3). The likely cause: the boundary term below comes from the state pass's H_{c+1}, whose
+    decays were computed elsewhere (the forward's scan cumsum) than this kernel's tensor-core cumsum, so its
+    cancellation against the reverse cumsum of k dk_s is no longer between equally rounded terms.
+
+    Per program (64-key tile, batch x head, chunk c) and state s, with w_s the mix weight,
     b the chunk-local inclusive gate cumsum, bL its last row, H_c the state entering the chunk and D = Dloc +
     diag(e) dS_end the adjoint of the state leaving it:
 
