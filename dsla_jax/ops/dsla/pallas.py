@@ -399,14 +399,13 @@ def resolve_rec(cfg, dtype, K: int, V: int, *, mosaic: bool):
     interpret mode), else the Triton ones. Explicit choices pass through."""
     import dataclasses
 
+    from dsla_jax.ops.dsla.pallas_gpu_rec_mgpu import tiles_problem
+
     if cfg.rec != "auto":
         return cfg
-    fits = (
-        cfg.fwd == "split"
-        and cfg.chunk == 64
-        and jnp.dtype(dtype).itemsize == 2
-        and K % 64 == 0
-        and min(cfg.block_v, V) % 64 == 0
+    fits = (  # the kernels' own tile rules, and a configuration whose forward they can run
+        tiles_problem(cfg.chunk, min(cfg.block_v, V), K, V, dtype) is None
+        and cfg.fwd == "split"
         and cfg.split_dtype in ("float32", "kd-bf16x2")
         and not cfg.save_states
     )

@@ -33,14 +33,24 @@ from dsla_jax.ops.dsla.pallas_gpu import round_tf32
 f32 = jnp.float32
 
 
+def tiles_problem(chunk: int, block_v: int, K: int, V: int, dtype) -> str | None:
+    """Why the Mosaic GPU kernels here (and in `pallas_gpu_bwd_mgpu`) cannot take these tiles and v's dtype, or None:
+    64-token chunks (WGMMA rows), a value tile and key dim that are multiples of 64, a value tile dividing V, and
+    16-bit v (the state update is a bf16 WGMMA on kd's halves and v). `pallas.resolve_rec` asks the same."""
+    if chunk != 64 or V % block_v or block_v % 64 or K % 64:
+        return f"chunk 64, block_v % 64 == 0 dividing V, K % 64 == 0 (got {chunk}, {block_v}, {K}, V={V})"
+    if jnp.dtype(dtype).itemsize != 2:
+        return f"16-bit v (its state update is a bf16 WGMMA), got {jnp.dtype(dtype).name}"
+    return None
+
+
 def _check(what: str, BT: int, BV: int, K: int, T: int, P: int, v: jax.Array) -> None:
-    """The tiles every kernel here needs: 64-token chunks (WGMMA rows), BV and K multiples of 64, whole segments,
-    and 16-bit v (the state update is a bf16 WGMMA on kd's halves and v)."""
-    V = v.shape[-1]
-    if BT != 64 or V % BV or BV % 64 or K % 64 or T % (P * BT):
-        raise ValueError(f"the Mosaic GPU {what} needs chunk 64, BV % 64 == 0, K % 64 == 0 ({BT}, {BV}, {K})")
-    if jnp.dtype(v.dtype).itemsize != 2:
-        raise ValueError(f"the Mosaic GPU {what} needs 16-bit v (its state update is a bf16 WGMMA), got {v.dtype}")
+    """Raise a clear error unless `tiles_problem` accepts these tiles and T is a whole number of segments."""
+    problem = tiles_problem(BT, BV, K, v.shape[-1], v.dtype)
+    if problem is None and T % (P * BT):
+        problem = f"T={T} a multiple of segments x chunk ({P} x {BT})"
+    if problem is not None:
+        raise ValueError(f"the Mosaic GPU {what} needs {problem}")
 
 
 def _update_scratch(kd: jax.Array, v: jax.Array, BT: int, K: int, BV: int) -> list:
