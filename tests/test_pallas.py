@@ -279,6 +279,9 @@ def test_mosaic_recurrent_kernel_interpret(case):
     )  # fmt: skip  (float32 backward: its bfloat16 error at 64-token chunks is the backward's, not this kernel's)
     skip = ("dg1",) if gates[0] == "min" else ()
     check_against_oracle(pallas_fn("gpu", chunk, cfg), args, dtype, skip=skip)
+    if P > 1:  # the Mosaic adjoint pass beside the Triton state pass and dv kernel (no kd residual)
+        mixed = dataclasses.replace(cfg, bwd_states_mosaic=False)
+        check_against_oracle(pallas_fn("gpu", chunk, mixed), args, dtype, skip=skip)
     # The intra kernel writing kd's bfloat16 halves and tf32-rounded qd itself, for the Mosaic and Triton kernels.
     for rec in ("mosaic", "triton"):
         cfg2 = dataclasses.replace(cfg, rec=rec, split_dtype="kd-bf16x2")
