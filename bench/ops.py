@@ -80,7 +80,9 @@ def dsla_fns(impl: str, **kw) -> tuple[Callable, Callable]:
     def loss(q, k, v, g1, g2, mix, ct):
         return jnp.sum((fwd(q, k, v, g1, g2, mix) * ct).astype(jnp.float32))
 
-    grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))
+    # value_and_grad: the loss value needs o, as a training step does (with `jax.grad` alone the loss is linear in
+    # o and XLA drops what only feeds o; the figures in docs/benchmarks.md's ops section were taken that way).
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5))
     return fwd, grad
 
 
@@ -91,7 +93,7 @@ def softmax_fns() -> tuple[Callable, Callable]:
     def loss(q, k, v, ct):
         return jnp.sum((fwd(q, k, v) * ct).astype(jnp.float32))
 
-    return fwd, jax.grad(loss, argnums=(0, 1, 2))
+    return fwd, jax.value_and_grad(loss, argnums=(0, 1, 2))
 
 
 def measure(fn: Callable, args: tuple, repeats: int, run: bool = True) -> dict[str, Any]:
