@@ -105,3 +105,12 @@ def iota(shape: tuple[int, ...], dim: int, layout, interpret: bool) -> jax.Array
     if interpret:
         return lax.broadcasted_iota(jnp.int32, shape, dim)
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=layout)
+
+
+def split_halves(x: jax.Array, hi_ref, lo_ref) -> None:
+    """Store float32 x into shared memory as bfloat16 halves, x = hi + lo to ~2^-16 relative (exact for
+    tf32-rounded x), for bf16 WGMMAs where a float32 operand would be read transposed (tf32 WGMMA reads both
+    operands K-major only)."""
+    hi = x.astype(hi_ref.dtype)
+    hi_ref[...] = hi
+    lo_ref[...] = (x - hi.astype(f32)).astype(lo_ref.dtype)

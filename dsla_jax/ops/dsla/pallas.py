@@ -235,7 +235,9 @@ def _gpu_bwd_split(res, do, ds_T, *, scale, cfg, P, interpret, kv_f32=False):
             w, q, k, v, do, g1, g2, hs, dl, e[:, :, :, 0], ds_end, dqi, dki, bl, res[7], scale=scale, P=P,
             chunk=cfg.chunk, kv_f32=kv_f32, interpret=interpret,
         )  # fmt: skip
-        dv = None if dv_mosaic else kb.dv_gpu(w, q, k, v, do, g1, g2, dl, e, ds_end, a, kv_f32=kv_f32, **kw)
+        out = f32 if kv_f32 else q.dtype
+        dv = None if dv_mosaic else kb.dv_gpu(k, do, g1, g2, dl, e, ds_end, a, cfg=cfg, P=P, out_dtype=out,
+                                              interpret=interpret)  # fmt: skip
     else:
         dq, dk, dv, dg1, dg2, dw = kb.bwd_grads_gpu(
             w, q, k, v, do, g1, g2, hs, dl, e, ds_end, a, kv_f32=kv_f32, with_dv=not dv_mosaic, **kw

@@ -474,26 +474,25 @@ def bwd_grads_gpu(
     )(w, q, k, v, do, g1, g2, hs, dl, e, ds_end, *intra)
     if not with_dv:
         return dq, dk, None, dg1, dg2, dw
-    return dq, dk, dv_gpu(w, q, k, v, do, g1, g2, dl, e, ds_end, a, scale=scale, cfg=cfg, P=P, interpret=interpret,
-                          kv_f32=kv_f32), dg1, dg2, dw  # fmt: skip
+    dv = dv_gpu(k, do, g1, g2, dl, e, ds_end, a, cfg=cfg, P=P, out_dtype=f32 if kv_f32 else q.dtype,
+                interpret=interpret)  # fmt: skip
+    return dq, dk, dv, dg1, dg2, dw
 
 
-def dv_gpu(w, q, k, v, do, g1, g2, dl, e, ds_end, a, *, scale: float, cfg: GpuConfig, P: int, interpret=False,
-           kv_f32: bool = False):  # fmt: skip
-    """dv of every chunk in parallel (`_dv_kernel`; arguments as `bwd_grads_gpu`; w and scale unused: the mix and
-    scale are in the stored scores and adjoints)."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+def dv_gpu(k, do, g1, g2, dl, e, ds_end, a, *, cfg: GpuConfig, P: int, out_dtype, interpret=False):
+    """dv [B, T, H, V] in out_dtype of every chunk in parallel (`_dv_kernel`; arguments as `bwd_grads_gpu`: the mix
+    and scale are in the stored scores a and the adjoints)."""
+    B, T, H, K = k.shape
+    V = do.shape[-1]
     BT, BK, BV = cfg.bwd_chunk, min(cfg.block_k, K), min(cfg.grads_block_v, V)
-    N = T // BT
-    NC = N // P
-    nm = _bwd_numerics(cfg)
+    NC = T // BT // P
     dv_params = _compiler_params(cfg.dv_num_warps or cfg.grads_num_warps, cfg.grads_num_stages, interpret)
     BVd = min(cfg.dv_block_v or BV, V)
+    kw = dict(H=H, BT=BT, BK=min(cfg.dv_block_k or BK, K), BV=BVd, NC=NC, nm=_bwd_numerics(cfg))
     dv = pl.pallas_call(
-        functools.partial(_dv_kernel, H=H, BT=BT, BK=min(cfg.dv_block_k or BK, K), BV=BVd, NC=NC, nm=nm),
-        out_shape=jax.ShapeDtypeStruct((B, T, H, V), f32 if kv_f32 else q.dtype),
-        grid=(V // BVd, B * H, N),
+        functools.partial(_dv_kernel, **kw),
+        out_shape=jax.ShapeDtypeStruct((B, T, H, V), out_dtype),
+        grid=(V // BVd, B * H, T // BT),
         compiler_params=dv_params,
         interpret=interpret,
         name="dsla_bwd_dv",

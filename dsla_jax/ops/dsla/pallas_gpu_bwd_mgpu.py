@@ -12,18 +12,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dsla_jax.ops.dsla.mgpu import kernel_ops, launch, swizzles, zeros
+from dsla_jax.ops.dsla.mgpu import kernel_ops, launch, split_halves, swizzles, zeros
 from dsla_jax.ops.dsla.pallas_gpu_rec_mgpu import _check, _wait
 
 f32 = jnp.float32
 bf16 = jnp.bfloat16
-
-
-def _halves(x: jax.Array, hi_sm, lo_sm) -> None:
-    """Store x [R, C] float32 as bfloat16 halves, x = hi + lo to ~2^-16 relative, for bf16 WGMMAs."""
-    hi = x.astype(bf16)
-    hi_sm[...] = hi
-    lo_sm[...] = (x - hi.astype(f32)).astype(bf16)
 
 
 def dv_mgpu(
@@ -73,7 +66,6 @@ def dv_mgpu(
     acc = plgpu.Layout.WGMMA
     sw32, sw16 = swizzles()
     ld, mma = kernel_ops(interpret)
-    halves = _halves
 
     def body(kd_ref, dl_ref, e_ref, de_ref, a_ref, do_ref, dv_ref, *scratch):
         kdh_sm, kdl_sm, dl_sm, de_sm, e_sm, a_sm, ah_sm, al_sm, do_sm, dh_sm, dlo_sm, out_sm, bar = scratch
@@ -96,13 +88,13 @@ def dv_mgpu(
         fetch_keys(0, 3)
         fetch_adjoint(0, 5)
         _wait(bar, 0, 1)
-        halves(ld(a_sm, acc), ah_sm, al_sm)
+        split_halves(ld(a_sm, acc), ah_sm, al_sm)
         dv = zeros((BT, BV), acc, interpret)
         _wait(bar, 1, 2)
         for s in range(2):
             _wait(bar, 5 if s == 0 else 9, 2)  # the state's adjoint tiles
             ec = lax.broadcast_in_dim(ld(e_sm.at[s], acc.reduce(1)), (K, BV), [0])
-            halves(ld(dl_sm, acc) + ec * ld(de_sm, acc), dh_sm, dlo_sm)  # D_s [K, BV]
+            split_halves(ld(dl_sm, acc) + ec * ld(de_sm, acc), dh_sm, dlo_sm)  # D_s [K, BV]
             plgpu.commit_smem()  # also a warpgroup barrier: dl_sm, de_sm are read
 
             if s == 0:
@@ -297,8 +289,8 @@ def dqk_mgpu(
                 dst = ld(st_sm.at[1], acc) + ec * ld(st_sm.at[2], acc)  # D [BK, BV]
                 part = jnp.sum(ld(st_sm.at[3], acc) * dst, axis=1)  # sum_V H_{c+1} * D, per key channel
                 nxt = part if nxt is None else nxt + part
-                _halves(ld(st_sm.at[0], acc), hl_sm.at[0], hl_sm.at[1])
-                _halves(dst, hl_sm.at[2], hl_sm.at[3])
+                split_halves(ld(st_sm.at[0], acc), hl_sm.at[0], hl_sm.at[1])
+                split_halves(dst, hl_sm.at[2], hl_sm.at[3])
                 plgpu.commit_smem()  # also a warpgroup barrier: st_sm is read
                 if i + 1 < 2 * nv:
                     fetch_states(i + 1)
@@ -326,7 +318,7 @@ def dqk_mgpu(
             plgpu.commit_smem()  # iq_sm and vec_sm are read
             if s == 0:
                 fetch_intra(1)
-            _halves(r, hl_sm.at[1], hl_sm.at[2])
+            split_halves(r, hl_sm.at[1], hl_sm.at[2])
             upper = hl_sm.at[3]
             upper[...] = triangle(lower=False)
             plgpu.commit_smem()

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dsla_jax.ops.dsla.mgpu import kernel_ops, launch, swizzles, zeros
+from dsla_jax.ops.dsla.mgpu import kernel_ops, launch, split_halves, swizzles, zeros
 from dsla_jax.ops.dsla.pallas_gpu import round_tf32
 
 f32 = jnp.float32
@@ -98,6 +98,32 @@ def _update_transposed(states, smem, ld, mma, BV: int, K: int) -> tuple:
     vt = ("T", v_sm)  # [BV, BT]
     decays = [lax.broadcast_in_dim(ld(e_sm.at[s], acc.reduce(0)), (BV, K), [1]) for s in range(2)]
     return tuple(mma(st * e, [(vt, kdh_sm.at[s]), (vt, kdl_sm.at[s])]) for s, (st, e) in enumerate(zip(states, decays)))
+
+
+def _update_natural(states, hi_sm, lo_sm, e_sm, y_sm, ld, mma, K: int, BV: int) -> tuple:
+    """S_s [K, BV] <- diag(e_s) S_s + (x_s,hi + x_s,lo)^T y for both states, from shared memory (hi_sm, lo_sm:
+    [2, BT, K] bfloat16 halves of x, read transposed; e_sm: [2, K]; y_sm: [BT, BV] 16-bit): the state pass's
+    update (x = kd, y = v) and the adjoint pass's (x = qd, y = do)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    acc = plgpu.Layout.WGMMA
+    new = []
+    for s, st in enumerate(states):
+        e = lax.broadcast_in_dim(ld(e_sm.at[s], acc.reduce(1)), (K, BV), [0])
+        new.append(mma(st * e, [(("T", hi_sm.at[s]), y_sm), (("T", lo_sm.at[s]), y_sm)]))
+    return tuple(new)
+
+
+def _store_pair(st_sm, values, dsts) -> None:
+    """Both states' [K, BV] tiles to global memory through st_sm by TMA, once the previous stores have read it."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    for s in range(2):
+        st_sm.at[s][...] = values[s]
+    plgpu.commit_smem()
+    for s in range(2):
+        plgpu.copy_smem_to_gmem(st_sm.at[s], dsts[s])
 
 
 def fwd_rec_mgpu(
@@ -353,17 +379,9 @@ def chunk_states_mgpu(
 
         def step(n, carry):
             c = c0 + n
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's states have left st_sm
-            for s in range(2):
-                st_sm.at[s][...] = carry[s]
-            plgpu.commit_smem()
-            for s in range(2):
-                plgpu.copy_smem_to_gmem(st_sm.at[s], hs_ref.at[s, bh, c, :, vs])
+            _store_pair(st_sm, carry, [hs_ref.at[s, bh, c, :, vs] for s in range(2)])  # the states entering c
             _wait(bar, 0, 6)
-            new = []
-            for s in range(2):  # natural layout: S_s [K, BV] <- diag(exp(bL_s)) S_s + (kd_hi + kd_lo)^T v
-                e = lax.broadcast_in_dim(ld(e_sm.at[s], acc.reduce(1)), (K, BV), [0])
-                new.append(mma(carry[s] * e, [(("T", kdh_sm.at[s]), v_sm), (("T", kdl_sm.at[s]), v_sm)]))
+            new = _update_natural(carry, kdh_sm, kdl_sm, e_sm, v_sm, ld, mma, K, BV)
 
             @pl.when(n + 1 < NC)
             def _():
@@ -455,28 +473,17 @@ def chunk_adjoints_mgpu(
 
         def step(n, carry):
             c = c_end - n  # carry: D_s, the adjoint of the state leaving chunk c
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's adjoints have left st_sm
-            for s in range(2):
-                st_sm.at[s][...] = carry[s]
-            plgpu.commit_smem()
-            for s in range(2):
-                plgpu.copy_smem_to_gmem(st_sm.at[s], dl_ref.at[s, bh, c, :, vs])
+            _store_pair(st_sm, carry, [dl_ref.at[s, bh, c, :, vs] for s in range(2)])
             _wait(bar, 0, 4)
             for s in range(2):  # qd's bfloat16 halves for the transposed operand
-                x = ld(q32_sm.at[s], acc)
-                hi = x.astype(qh_sm.dtype)
-                qh_sm.at[s][...] = hi
-                ql_sm.at[s][...] = (x - hi.astype(f32)).astype(ql_sm.dtype)
+                split_halves(ld(q32_sm.at[s], acc), qh_sm.at[s], ql_sm.at[s])
             plgpu.commit_smem()  # also a warpgroup barrier: every read of q32_sm is done before its next copy
 
             @pl.when(n + 1 < NC)
             def _():
                 fetch_q(c - 1)
 
-            new = []
-            for s in range(2):  # D_s [K, BV] <- diag(exp(bL_s)) D_s + (qd_hi + qd_lo)^T do
-                e = lax.broadcast_in_dim(ld(e_sm.at[s], acc.reduce(1)), (K, BV), [0])
-                new.append(mma(carry[s] * e, [(("T", qh_sm.at[s]), do_sm), (("T", ql_sm.at[s]), do_sm)]))
+            new = _update_natural(carry, qh_sm, ql_sm, e_sm, do_sm, ld, mma, K, BV)  # D_s <- diag(ebl) D_s + qd^T do
 
             @pl.when(n + 1 < NC)
             def _():
@@ -485,12 +492,7 @@ def chunk_adjoints_mgpu(
             return tuple(new)
 
         d_start = lax.fori_loop(0, NC, step, (zero, zero))
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        for s in range(2):
-            st_sm.at[s][...] = d_start[s]
-        plgpu.commit_smem()
-        for s in range(2):
-            plgpu.copy_smem_to_gmem(st_sm.at[s], send_ref.at[bh, p, s, :, vs])
+        _store_pair(st_sm, d_start, [send_ref.at[bh, p, s, :, vs] for s in range(2)])
         plgpu.wait_smem_to_gmem(0)
 
     kernel = launch(
