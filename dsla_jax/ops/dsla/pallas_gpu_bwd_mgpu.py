@@ -151,8 +151,6 @@ def dqk_mgpu(
     ds_end: jax.Array,
     dqi: jax.Array,
     dki: jax.Array,
-    bl: jax.Array,
-    s_T: jax.Array,
     *,
     scale: float,
     P: int,
@@ -162,33 +160,32 @@ def dqk_mgpu(
 ) -> tuple[jax.Array, ...]:
     """dq, dk, dg1, dg2 and the mix gradient's pieces of every chunk in parallel (the split backward's dq / dk
     kernel, twin `pallas_gpu_bwd._dqk_kernel` with grads_order "split": the intra-chunk terms dqi, dki come from
-    `_dqk_intra_kernel`). Experimental (`GpuConfig.bwd_dqk_mosaic`, off by default): it matches the twin in the
-    interpreter, but on an H200 its dg1 is 6.1e-3 from the float32 oracle with strong gates (v10, call 6; the
-    twin: within 2e-3). The likely cause: the boundary term below comes from the state pass's H_{c+1}, whose
-    decays were computed elsewhere (the forward's scan cumsum) than this kernel's tensor-core cumsum, so its
-    cancellation against the reverse cumsum of k dk_s is no longer between equally rounded terms.
+    `_dqk_intra_kernel`). `GpuConfig.bwd_dqk_mosaic`.
 
-    Per program (64-key tile, batch x head, chunk c) and state s, with w_s the mix weight,
-    b the chunk-local inclusive gate cumsum, bL its last row, H_c the state entering the chunk and D = Dloc +
-    diag(e) dS_end the adjoint of the state leaving it:
+    Per program (64-key tile, batch x head, chunk c) and state s, with w_s the mix weight, b the chunk-local
+    inclusive gate cumsum, bL its last row, H_c the state entering the chunk and D = Dloc + diag(e) dS_end the
+    adjoint of the state leaving it:
 
-        dq_s = scale (exp(b) * (do H_c^T) + dqi_s)          dk_s = exp(bL - b) * (v D^T) + w_s scale dki_s
-        dg_s,t = sum_{i >= t} (w_s q dq_s - k dk_s)_i + sum_V H_{c+1} * D
+        dq_s = scale (exp(b) * (do H_c^T) + dqi_s)          dk_s = x_s + w_s scale dki_s,  x_s = exp(bL - b) * (v D^T)
+        dg_s,t = sum_{i >= t} (w_s q dq_s - w_s scale k dki_s)_i + sum_{i < t} (k x_s)_i + exp(bL) sum_V H_c * D
         dq = sum_s w_s (dq_s + scale (do . v) k)           dk = sum_s dk_s + (w_1 + w_2) scale (do . v) q
 
-    (sum_V H_{c+1} * D is the gate gradient's boundary term, exp(bL) sum_V H_c * D + sum_i kd_i (v_i D^T): read
-    from the next chunk's entering state, or the final state for the last chunk, it needs no sum over tokens.)
-    The state tiles come in [64, 64] float32 pieces (H_c, Dloc, dS_end, H_{c+1}), are combined in registers, and
-    H_c and D are split into bfloat16 halves for the products with do and v (bf16 WGMMAs reading them transposed).
-    The gate cumsum and the reverse cumsum are bf16 WGMMAs with 0 / 1 triangles (exact for 16-bit gates; the
-    reverse cumsum's operand in halves); every sum over tokens is a WGMMA or a per-token sum within a warp (v10's
-    cross-warp column sums cost 2.65 of its 4.65 ms). Every exponent is <= 0.
+    The gate gradient is the textbook reverse cumsum of w_s q dq_s - k dk_s plus the boundary term sum_V H_{c+1} * D
+    = exp(bL) sum_V H_c * D + sum_i (k x_s)_i, rearranged so that the reverse cumsum's -k x_s and the boundary's
+    +k x_s cancel in exact arithmetic instead of in rounding: for strongly decaying gates both are O(1) near the
+    chunk's end while dg is tiny (the second form of this kernel read sum_V H_{c+1} * D from the state pass and
+    missed the bar by that cancellation: dg1 6.1e-3 on an H200, v10 call 6).
+
+    The state tiles come in [64, 64] float32 pieces (H_c, Dloc, dS_end), are combined in registers, and H_c and D
+    are split into bfloat16 halves for the products with do and v (bf16 WGMMAs reading them transposed). The gate
+    cumsum, the chunk sum bL (broadcast to every row) and both triangular sums are bf16 WGMMAs with 0 / 1 matrices
+    built in registers (exact for 16-bit gates; the summed terms in halves); every sum over tokens is a WGMMA or a
+    per-token sum within a warp. Every exponent is <= 0.
 
     Args:
         w: [2] float32 mix; q, k, g1, g2: [B, T, H, K] 16-bit; v, do: [B, T, H, V] 16-bit; hs, dl: [2, B * H, N, K,
             V] float32 states entering / segment-local adjoints leaving every chunk; e: [2, B * H, N, K] float32
-            decays to the segment end; ds_end: [B * H, P, 2, K, V] float32; dqi, dki: [2, B * H, T, K] float32;
-            bl: [2, B * H, N, K] float32 per-chunk gate sums; s_T: [B * H, 2, K, V] float32 final states.
+            decays to the segment end; ds_end: [B * H, P, 2, K, V] float32; dqi, dki: [2, B * H, T, K] float32.
         kv_f32: dk, dg1, dg2 in float32 (grouped heads: summed per kv head by the caller).
 
     Returns:
@@ -217,36 +214,28 @@ def dqk_mgpu(
     wv = jnp.broadcast_to(w.astype(f32)[:, None], (2, K))
     dk_dt = f32 if kv_f32 else k.dtype
     dg_dt = f32 if kv_f32 else g1.dtype
-    # Barriers, each used once: q 0, k 1, g_s 2 + s, do tiles 4.., v tiles 4 + nv.., e F, w F + 1, bL F + 2,
-    # dqi / dki of state s on IQ[s], IQ[s] + 1, state tiles (s, j) on ST + 4 (s nv + j) + 0..3.
+    # Barriers, each used once: q 0, k 1, g_s 2 + s, do tiles 4.., v tiles 4 + nv.., e F, w F + 1,
+    # dqi / dki of state s on IQ[s], IQ[s] + 1, state tiles (s, j) on ST + 3 (s nv + j) + 0..2.
     F = 4 + 2 * nv
-    ST = F + 5
-    IQ = (F + 3, ST + 8 * nv)
+    ST = F + 4
+    IQ = (F + 2, ST + 6 * nv)
     sw = lambda dt: sw32 if jnp.dtype(dt).itemsize == 4 else sw16  # noqa: E731
 
     def body(w_ref, q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, hs_ref, dl_ref, e_ref, de_ref, dqi_ref, dki_ref,
-             bl_ref, sT_ref, dq_ref, dk_ref, dg1_ref, dg2_ref, dw_ref, *scratch):  # fmt: skip
-        (q_sm, k_sm, g_sm, do_sm, v_sm, e_sm, w_sm, bl_sm, st_sm, hl_sm, iq_sm, vec_sm, dg_sm, dq_sm, dk_sm, dw_sm,
+             dq_ref, dk_ref, dg1_ref, dg2_ref, dw_ref, *scratch):  # fmt: skip
+        (q_sm, k_sm, g_sm, do_sm, v_sm, e_sm, w_sm, st_sm, hl_sm, iq_sm, vec_sm, dg_sm, dq_sm, dk_sm, dw_sm,
          bar) = scratch  # fmt: skip
         ik, bh, c = lax.axis_index("ik"), lax.axis_index("bh"), lax.axis_index("c")
         b, h, p = lax.div(bh, H), lax.rem(bh, H), lax.div(c, NC)
         ts, ks = pl.ds(c * BT, BT), pl.ds(ik * BK, BK)
         cp = plgpu.copy_gmem_to_smem
 
-        def fetch_states(i):  # state s = i // nv, value tile j = i % nv: H_c, Dloc, dS_end, H_{c+1}
+        def fetch_states(i):  # state s = i // nv, value tile j = i % nv: H_c, Dloc, dS_end
             s, j = divmod(i, nv)
             vs = pl.ds(j * BV, BV)
-            cp(hs_ref.at[s, bh, c, ks, vs], st_sm.at[0], bar.at[ST + 4 * i])
-            cp(dl_ref.at[s, bh, c, ks, vs], st_sm.at[1], bar.at[ST + 4 * i + 1])
-            cp(de_ref.at[bh, p, s, ks, vs], st_sm.at[2], bar.at[ST + 4 * i + 2])
-
-            @pl.when(c + 1 < N)
-            def _():
-                cp(hs_ref.at[s, bh, c + 1, ks, vs], st_sm.at[3], bar.at[ST + 4 * i + 3])
-
-            @pl.when(c + 1 == N)
-            def _():
-                cp(sT_ref.at[bh, s, ks, vs], st_sm.at[3], bar.at[ST + 4 * i + 3])
+            cp(hs_ref.at[s, bh, c, ks, vs], st_sm.at[0], bar.at[ST + 3 * i])
+            cp(dl_ref.at[s, bh, c, ks, vs], st_sm.at[1], bar.at[ST + 3 * i + 1])
+            cp(de_ref.at[bh, p, s, ks, vs], st_sm.at[2], bar.at[ST + 3 * i + 2])
 
         def fetch_intra(s):
             cp(dqi_ref.at[s, bh, ts, ks], iq_sm.at[0], bar.at[IQ[s]])
@@ -261,10 +250,9 @@ def dqk_mgpu(
             cp(v_ref.at[b, ts, h, pl.ds(j * BV, BV)], v_sm.at[j], bar.at[4 + nv + j])
         cp(e_ref.at[:, bh, c, ks], e_sm, bar.at[F])
         cp(w_ref.at[:, ks], w_sm, bar.at[F + 1])
-        cp(bl_ref.at[:, bh, c, ks], bl_sm, bar.at[F + 2])
         fetch_intra(0)
         fetch_states(0)
-        _wait(bar, 4, 2 * nv + 3)
+        _wait(bar, 4, 2 * nv + 2)
         f = lambda ref: ld(ref, acc).astype(f32)  # noqa: E731
         dvd = sum(jnp.sum(f(do_sm.at[j]) * f(v_sm.at[j]), axis=1) for j in range(nv))  # do_t . v_t, [BT]
 
@@ -274,55 +262,64 @@ def dqk_mgpu(
         def cols(ref):  # a [BK] shared-memory vector -> [BT, BK]
             return lax.broadcast_in_dim(ld(ref, acc.reduce(0)), (BT, BK), [1])
 
-        def triangle(lower: bool) -> jax.Array:  # [t, i] bfloat16: 1 where i <= t (lower) or i >= t
-            t, i = iota((BT, BT), 0, acc, interpret), iota((BT, BT), 1, acc, interpret)
-            return jnp.clip((t - i if lower else i - t).astype(f32) + 1.0, 0.0, 1.0).astype(bf16)
+        def ones(keep) -> jax.Array:  # [t, i] bfloat16 in registers (a WGMMA's left operand): 1 where keep(t - i)
+            d = (iota((BT, BT), 0, acc, interpret) - iota((BT, BT), 1, acc, interpret)).astype(f32)
+            return keep(d).astype(bf16)
+
+        lower = lambda d: jnp.clip(d + 1.0, 0.0, 1.0)  # noqa: E731  (i <= t)
+        upper = lambda d: jnp.clip(1.0 - d, 0.0, 1.0)  # noqa: E731  (i >= t)
+        strict = lambda d: jnp.clip(d, 0.0, 1.0)  # noqa: E731  (i < t)
+        every = lambda d: d * 0.0 + 1.0  # noqa: E731
 
         dq = dk = None
         for s in range(2):
             dqh = vds = zeros((BT, BK), acc, interpret)
-            nxt = None
+            hsum = None
             for j in range(nv):
                 i = s * nv + j
-                _wait(bar, ST + 4 * i, 4)
+                _wait(bar, ST + 3 * i, 3)
                 ec = lax.broadcast_in_dim(ld(e_sm.at[s], acc.reduce(1)), (BK, BV), [0])
+                hc = ld(st_sm.at[0], acc)
                 dst = ld(st_sm.at[1], acc) + ec * ld(st_sm.at[2], acc)  # D [BK, BV]
-                part = jnp.sum(ld(st_sm.at[3], acc) * dst, axis=1)  # sum_V H_{c+1} * D, per key channel
-                nxt = part if nxt is None else nxt + part
-                split_halves(ld(st_sm.at[0], acc), hl_sm.at[0], hl_sm.at[1])
+                part = jnp.sum(hc * dst, axis=1)  # sum_V H_c * D, per key channel (within a warp)
+                hsum = part if hsum is None else hsum + part
+                split_halves(hc, hl_sm.at[0], hl_sm.at[1])
                 split_halves(dst, hl_sm.at[2], hl_sm.at[3])
                 plgpu.commit_smem()  # also a warpgroup barrier: st_sm is read
                 if i + 1 < 2 * nv:
                     fetch_states(i + 1)
                 dqh = mma(dqh, [(do_sm.at[j], ("T", hl_sm.at[0])), (do_sm.at[j], ("T", hl_sm.at[1]))])
                 vds = mma(vds, [(v_sm.at[j], ("T", hl_sm.at[2])), (v_sm.at[j], ("T", hl_sm.at[3]))])
-            vec_sm[...] = nxt  # rows (key channels) here, columns below: through shared memory
-            hl_sm.at[0][...] = triangle(lower=True)
-            plgpu.commit_smem()
+            vec_sm[...] = hsum  # rows (key channels) here, columns below: through shared memory
             _wait(bar, 2 + s, 1)
-            bg = mma(zeros((BT, BK), acc, interpret), [(hl_sm.at[0], g_sm.at[s])])  # inclusive cumsum over tokens
+            zero = zeros((BT, BK), acc, interpret)
+            bg = mma(zero, [(ones(lower), g_sm.at[s])])  # inclusive cumsum over tokens
+            bl = mma(zero, [(ones(every), g_sm.at[s])])  # the chunk's sum bL in every row
             if s == 0:
                 _wait(bar, 0, 2)  # q, k
             _wait(bar, IQ[s], 2)
+            plgpu.commit_smem()  # vec_sm is written
             ws = cols(w_sm.at[s])
-            ek = jnp.exp(jnp.minimum(cols(bl_sm.at[s]) - bg, 0.0))
+            ek = jnp.exp(jnp.minimum(bl - bg, 0.0))
             dq_s = scale * (dqh * jnp.exp(bg) + ld(iq_sm.at[0], acc))
-            dk_s = vds * ek + (scale * ws) * ld(iq_sm.at[1], acc)
+            x = vds * ek  # dk_s's state term
+            dki_w = (scale * ws) * ld(iq_sm.at[1], acc)
             qf, kf = f(q_sm), f(k_sm)
-            r = ws * qf * dq_s - kf * dk_s
+            r = ws * qf * dq_s - kf * dki_w
             dq_full = dq_s + scale * rows(dvd) * kf
             dw = jnp.sum(qf * dq_full, axis=1)  # per token (within a warp); the caller sums everything
             dq = ws * dq_full if dq is None else dq + ws * dq_full
+            dk_s = x + dki_w
             dk = dk_s if dk is None else dk + dk_s
-            nxt = cols(vec_sm)
+            boundary = jnp.exp(bl) * cols(vec_sm)
             plgpu.commit_smem()  # iq_sm and vec_sm are read
             if s == 0:
                 fetch_intra(1)
-            split_halves(r, hl_sm.at[1], hl_sm.at[2])
-            upper = hl_sm.at[3]
-            upper[...] = triangle(lower=False)
+            split_halves(r, hl_sm.at[0], hl_sm.at[1])
+            split_halves(kf * x, hl_sm.at[2], hl_sm.at[3])
             plgpu.commit_smem()
-            dg = mma(nxt, [(upper, hl_sm.at[1]), (upper, hl_sm.at[2])])  # sum_{i >= t} r_i + the boundary term
+            up, st = ones(upper), ones(strict)
+            dg = mma(boundary, [(up, hl_sm.at[0]), (up, hl_sm.at[1]), (st, hl_sm.at[2]), (st, hl_sm.at[3])])
             if s:
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # state 0's dg and dw have left
             dg_sm[...] = dg.astype(dg_sm.dtype)
@@ -361,11 +358,10 @@ def dqk_mgpu(
             plgpu.SMEM((nv, BT, BV), v.dtype, transforms=sw16),
             plgpu.SMEM((2, BK), f32),  # e
             plgpu.SMEM((2, BK), f32),  # w
-            plgpu.SMEM((2, BK), f32),  # bL
-            plgpu.SMEM((4, BK, BV), f32, transforms=sw32),  # H_c, Dloc, dS_end, H_{c+1} tiles
-            plgpu.SMEM((4, BK, BV), bf16, transforms=sw16),  # halves; later the triangles and r's halves
+            plgpu.SMEM((3, BK, BV), f32, transforms=sw32),  # H_c, Dloc, dS_end tiles
+            plgpu.SMEM((4, BK, BV), bf16, transforms=sw16),  # H_c, D halves; later r's and k x's halves
             plgpu.SMEM((2, BT, BK), f32, transforms=sw32),  # dqi_s, dki_s
-            plgpu.SMEM((BK,), f32),  # sum_V H_{c+1} * D
+            plgpu.SMEM((BK,), f32),  # sum_V H_c * D
             plgpu.SMEM((BT, BK), dg_dt, transforms=sw(dg_dt)),
             plgpu.SMEM((BT, BK), q.dtype, transforms=sw16),
             plgpu.SMEM((BT, BK), dk_dt, transforms=sw(dk_dt)),
@@ -373,4 +369,4 @@ def dqk_mgpu(
             plgpu.Barrier(num_barriers=IQ[1] + 2),
         ],
     )
-    return kernel(wv, q, k, v, do, g1, g2, hs, dl, e, ds_end, dqi, dki, bl, s_T)
+    return kernel(wv, q, k, v, do, g1, g2, hs, dl, e, ds_end, dqi, dki)
