@@ -301,6 +301,7 @@ def test_mosaic_backward_kernels_match_triton_twins():
     from dsla_jax.ops.dsla import pallas_gpu_bwd as kb
     from dsla_jax.ops.dsla import pallas_gpu_bwd_mgpu as kbm
     from dsla_jax.ops.dsla import pallas_gpu_rec_mgpu as km
+    from dsla_jax.ops.dsla.pallas import chunk_gate_sums
 
     B, T, H, K, V, P = 1, 256, 2, 64, 128, 2
     q, k, v, g1, g2, _, _ = make_inputs(11, B, T, H, H, K, V, jnp.bfloat16, ("logsig", "strong"))
@@ -329,8 +330,8 @@ def test_mosaic_backward_kernels_match_triton_twins():
     want = kb.bwd_grads_gpu(w, q, k, v, do, g1, g2, hs, dl, e, ds_end, a, kv_f32=True, scale=scale, cfg=cfg, P=P,
                             interpret=True, with_dv=False)  # fmt: skip
     dqi, dki = kb.intra_terms_gpu(q, k, v, do, g1, g2, cfg=cfg, interpret=True)
-    got = kbm.dqk_mgpu(w, q, k, v, do, g1, g2, hs, dl, e[:, :, :, 0], ds_end, dqi, dki, scale=scale, P=P,
-                       kv_f32=True, interpret=True)  # fmt: skip
+    got = kbm.dqk_mgpu(w, q, k, v, do, g1, g2, hs, dl, e[:, :, :, 0], ds_end, dqi, dki, chunk_gate_sums(g1, g2, 64),
+                       scale=scale, P=P, kv_f32=True, interpret=True)  # fmt: skip
     got = (*got[:4], jnp.sum(got[4], axis=(1, 2, 3)))
     want = (*want[:2], *want[3:5], jnp.sum(want[5], axis=(1, 2, 3)))
     for name, t, m in zip(("dq", "dk", "dg1", "dg2", "dw"), want, got):

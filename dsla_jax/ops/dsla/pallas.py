@@ -184,6 +184,14 @@ def _segment_adjoints(q, do, g1, g2, w, ds_T, *, scale, cfg, P, interpret):
     return jnp.stack(ds_end[::-1], axis=1)
 
 
+def chunk_gate_sums(g1: jax.Array, g2: jax.Array, chunk: int) -> jax.Array:
+    """Each chunk's gate sum bL per state and key channel, [2, B * H, T / chunk, K] float32, from g1, g2
+    [B, T, H, K] (T a multiple of chunk)."""
+    B, T, H, K = g1.shape
+    sums = [jnp.sum(g.astype(f32).reshape(B, T // chunk, chunk, H, K), axis=2) for g in (g1, g2)]
+    return jnp.stack([jnp.swapaxes(x, 1, 2).reshape(B * H, T // chunk, K) for x in sums])
+
+
 def _gpu_bwd_split(res, do, ds_T, *, scale, cfg, P, interpret, kv_f32=False):
     """All gradients by the split backward (`pallas_gpu_bwd`): per-chunk states forward, segment-local adjoints
     backward (chained in XLA), then every chunk in parallel. Returns (dq, dk, dv, dg1, dg2, dw, dh0) of the padded
@@ -222,8 +230,9 @@ def _gpu_bwd_split(res, do, ds_T, *, scale, cfg, P, interpret, kv_f32=False):
         from dsla_jax.ops.dsla import pallas_gpu_bwd_mgpu as kbm
 
         dqi, dki = kb.intra_terms_gpu(q, k, v, do, g1, g2, cfg=cfg, interpret=interpret)
+        bl = chunk_gate_sums(g1, g2, cfg.chunk)
         dq, dk, dg1, dg2, dw = kbm.dqk_mgpu(
-            w, q, k, v, do, g1, g2, hs, dl, e[:, :, :, 0], ds_end, dqi, dki, scale=scale, P=P, chunk=cfg.chunk,
+            w, q, k, v, do, g1, g2, hs, dl, e[:, :, :, 0], ds_end, dqi, dki, bl, scale=scale, P=P, chunk=cfg.chunk,
             kv_f32=kv_f32, interpret=interpret,
         )  # fmt: skip
         out = f32 if kv_f32 else q.dtype
