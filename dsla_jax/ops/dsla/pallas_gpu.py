@@ -210,7 +210,7 @@ class GpuConfig:
     bwd_states_mosaic: bool = True
     bwd_adjoints_mosaic: bool = True
     bwd_dv_mosaic: bool = True
-    bwd_dqk_mosaic: bool = True
+    bwd_dqk_mosaic: bool = False
     onepass_block_k: int = 32
     onepass_block_v: int = 64
     onepass_num_warps: int = 8
