@@ -96,11 +96,10 @@ class GpuConfig:
         bwd_dv_mosaic: with rec "mosaic" and bwd_states_mosaic, the split backward's dv kernel runs on Mosaic GPU
             (`pallas_gpu_bwd_mgpu.dv_mgpu`) from the forward's kd halves. On an H200 at B1 T8192: the kernel 0.84 ->
             0.39 ms, forward + backward 5.88 -> 5.41 ms (v10, call 3).
-        bwd_dqk_mosaic: experimental, off by default: with rec "mosaic", 16-bit inputs and grads_order "split", the
-            split backward's dq / dk kernel runs on Mosaic GPU (`pallas_gpu_bwd_mgpu.dqk_mgpu`). On an H200 at B1
-            T8192 it takes 2.20 ms against the Triton kernel's 2.39 but forward + backward is no faster (5.53 vs
-            5.39-5.44 ms), and on the card its dg1 misses the bar with strong gates (6.1e-3 > 2e-3; v10, call 6):
-            not for training.
+        bwd_dqk_mosaic: opt-in, off by default: with rec "mosaic", 16-bit inputs and grads_order "split", the split
+            backward's dq / dk kernel runs on Mosaic GPU (`pallas_gpu_bwd_mgpu.dqk_mgpu`, third form). Correct on an
+            H200 with gates at -50 (its GPU test passes), but slower: 3.15 ms against the Triton kernel's 2.39 at B1
+            T8192, forward + backward 6.30 against 5.95 ms (v11, call 2; it spills at 255 registers).
         split_dtype: storage of the split form's decayed queries and keys: "float32" (both), "bfloat16" (both) or
             "kd-bfloat16" (keys only: they feed the states; the queries feed the outputs directly) or "kd-bf16x2"
             (keys as two bfloat16 halves, queries rounded to tf32: the Mosaic GPU kernels' operands).

@@ -3,7 +3,7 @@
 `pallas_gpu_bwd._dv_kernel`) and `dqk_mgpu` (twin `pallas_gpu_bwd._dqk_kernel` with grads_order "split"). One
 warpgroup per program, TMA copies, WGMMA on bfloat16 operands: float32 tiles that a product reads transposed (tf32
 WGMMA reads both operands K-major only) are split in the kernel into bfloat16 halves, hi + lo, exact to ~2^-16.
-Measured against the twins in `docs/benchmarks.md` (v10).
+Measured against the twins in `docs/benchmarks.md` (v10; dq / dk's third form v11: correct, slower than its twin).
 """
 
 from __future__ import annotations
@@ -161,7 +161,9 @@ def dqk_mgpu(
 ) -> tuple[jax.Array, ...]:
     """dq, dk, dg1, dg2 and the mix gradient's pieces of every chunk in parallel (the split backward's dq / dk
     kernel, twin `pallas_gpu_bwd._dqk_kernel` with grads_order "split": the intra-chunk terms dqi, dki come from
-    `_dqk_intra_kernel`). `GpuConfig.bwd_dqk_mosaic`.
+    `_dqk_intra_kernel`). Opt-in (`GpuConfig.bwd_dqk_mosaic`): correct on an H200 with strong gates, but 3.15 ms
+    against the twin's 2.39 at B1 T8192 (v11, call 2): it runs one 128-thread program per SM at 255 registers and
+    spills ~1.9 GB (kernel_notes 13 has the next form).
 
     Per program (64-key tile, batch x head, chunk c) and state s, with w_s the mix weight, b the chunk-local
     inclusive gate cumsum, bL its last row, H_c the state entering the chunk and D = Dloc + diag(e) dS_end the
