@@ -157,6 +157,7 @@ def dqk_mgpu(
     P: int,
     chunk: int = 64,
     kv_f32: bool = False,
+    park: bool = True,
     interpret: bool = False,
 ) -> tuple[jax.Array, ...]:
     """dq, dk, dg1, dg2 and the mix gradient's pieces of every chunk in parallel (the split backward's dq / dk
@@ -193,6 +194,9 @@ def dqk_mgpu(
             decays to the segment end; ds_end: [B * H, P, 2, K, V] float32; dqi, dki: [2, B * H, T, K] float32;
             bl: [2, B * H, N, K] float32 per-chunk gate sums (`chunk_gate_sums`).
         kv_f32: dk, dg1, dg2 in float32 (grouped heads: summed per kv head by the caller).
+        park: state 0's float32 dq and dk go to a global scratch array (through shared memory, by TMA) and come
+            back at the end, instead of staying in registers while state 1 runs (-64 registers per thread; the
+            round trip stays mostly in L2). False: carried in registers (session 8's form 3b).
 
     Returns:
         dq [B, T, H, K] (q's dtype), dk, dg1, dg2 [B, T, H, K] (float32 with kv_f32, else k's / g's dtype) and the
@@ -221,14 +225,16 @@ def dqk_mgpu(
     dk_dt = f32 if kv_f32 else k.dtype
     dg_dt = f32 if kv_f32 else g1.dtype
     # Barriers, each used once: q 0, k 1, g_s 2 + s, do tiles 4.., v tiles 4 + nv.., e F, w F + 1, bL F + 2,
-    # dqi / dki of state s on IQ[s], IQ[s] + 1, state tiles (s, j) on ST + 3 (s nv + j) + 0..2.
+    # dqi / dki of state s on IQ[s], IQ[s] + 1, state tiles (s, j) on ST + 3 (s nv + j) + 0..2, the parked dq, dk
+    # coming back on IQ[1] + 2, + 3.
     F = 4 + 2 * nv
     ST = F + 5
     IQ = (F + 3, ST + 6 * nv)
+    PK = IQ[1] + 2
     sw = lambda dt: sw32 if jnp.dtype(dt).itemsize == 4 else sw16  # noqa: E731
 
     def body(w_ref, q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, hs_ref, dl_ref, e_ref, de_ref, dqi_ref, dki_ref,
-             bl_ref, dq_ref, dk_ref, dg1_ref, dg2_ref, dw_ref, *scratch):  # fmt: skip
+             bl_ref, dq_ref, dk_ref, dg1_ref, dg2_ref, dw_ref, park_ref, *scratch):  # fmt: skip
         (q_sm, k_sm, g_sm, do_sm, v_sm, e_sm, w_sm, bl_sm, st_sm, hl_sm, tri_sm, iq_sm, vec_sm, dg_sm, dq_sm, dk_sm,
          dw_sm, bar) = scratch  # fmt: skip
         ik, bh, c = lax.axis_index("ik"), lax.axis_index("bh"), lax.axis_index("c")
@@ -308,18 +314,34 @@ def dqk_mgpu(
             kf = f(k_sm)
             split_halves(kf * x, hl_sm.at[2], hl_sm.at[3])
             dki_w = (scale * ws) * ld(iq_sm.at[1], acc)
-            dk = x + dki_w if dk is None else dk + x + dki_w
+            dk_s = x + dki_w
             qf = f(q_sm)
             split_halves(ws * qf * dq_s - kf * dki_w, hl_sm.at[0], hl_sm.at[1])
             dq_full = dq_s + scale * rows(dvd) * kf
             dw = jnp.sum(qf * dq_full, axis=1)  # per token (within a warp); the caller sums everything
-            dq = ws * dq_full if dq is None else dq + ws * dq_full
+            dq_s = ws * dq_full
             plgpu.commit_smem()  # the halves are written; iq_sm is read
+            if s == 0 and park:  # state 0's dq, dk leave by iq_sm and come back at the end
+                iq_sm.at[0][...] = dq_s
+                iq_sm.at[1][...] = dk_s
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(iq_sm.at[0], park_ref.at[0, bh, ts, ks])
+                plgpu.copy_smem_to_gmem(iq_sm.at[1], park_ref.at[1, bh, ts, ks])
+                dq = dk = None
+            else:
+                dq = dq_s if dq is None else dq + dq_s
+                dk = dk_s if dk is None else dk + dk_s
+            if s == 1 and park:
+                plgpu.wait_smem_to_gmem(0)  # every store so far has landed (state 0's long ago)
+                cp(park_ref.at[0, bh, ts, ks], iq_sm.at[0], bar.at[PK])
+                cp(park_ref.at[1, bh, ts, ks], iq_sm.at[1], bar.at[PK + 1])
             if s == 0:
+                if park:
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # iq_sm is read by the park's copies
                 fetch_intra(1)
             up, st = tri_sm.at[0], tri_sm.at[1]
             dg = mma(cols(vec_sm), [(up, hl_sm.at[0]), (up, hl_sm.at[1]), (st, hl_sm.at[2]), (st, hl_sm.at[3])])
-            if s:
+            if s and not park:
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # state 0's dg and dw have left
             dg_sm[...] = dg.astype(dg_sm.dtype)
             dw_sm[...] = dw
@@ -327,6 +349,10 @@ def dqk_mgpu(
             plgpu.copy_smem_to_gmem(dg_sm, (dg1_ref, dg2_ref)[s].at[b, ts, h, ks])
             plgpu.copy_smem_to_gmem(dw_sm, dw_ref.at[s, bh, c, pl.ds(ik * BT, BT)])
         wsum = cols(w_sm.at[0]) + cols(w_sm.at[1])
+        if park:
+            _wait(bar, PK, 2)
+            dq = dq + ld(iq_sm.at[0], acc)
+            dk = dk + ld(iq_sm.at[1], acc)
         dk = dk + scale * wsum * rows(dvd) * f(q_sm)
         dq_sm[...] = dq.astype(dq_sm.dtype)
         dk_sm[...] = dk.astype(dk_sm.dtype)
@@ -346,6 +372,7 @@ def dqk_mgpu(
             jax.ShapeDtypeStruct((B, T, H, K), dg_dt),
             jax.ShapeDtypeStruct((B, T, H, K), dg_dt),
             jax.ShapeDtypeStruct((2, B * H, N, nk * BT), f32),
+            jax.ShapeDtypeStruct((2, B * H, T if park else BT, K), f32),  # the parked dq, dk (scratch)
         ),
         grid=(nk, B * H, N),
         grid_names=("ik", "bh", "c"),
@@ -367,7 +394,7 @@ def dqk_mgpu(
             plgpu.SMEM((BT, BK), q.dtype, transforms=sw16),
             plgpu.SMEM((BT, BK), dk_dt, transforms=sw(dk_dt)),
             plgpu.SMEM((BT,), f32),  # dw
-            plgpu.Barrier(num_barriers=IQ[1] + 2),
+            plgpu.Barrier(num_barriers=PK + 2),
         ],
     )
-    return kernel(wv, q, k, v, do, g1, g2, hs, dl, e, ds_end, dqi, dki, bl)
+    return kernel(wv, q, k, v, do, g1, g2, hs, dl, e, ds_end, dqi, dki, bl)[:5]
