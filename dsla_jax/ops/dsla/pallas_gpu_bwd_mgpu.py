@@ -157,14 +157,15 @@ def dqk_mgpu(
     P: int,
     chunk: int = 64,
     kv_f32: bool = False,
-    park: bool = True,
     interpret: bool = False,
 ) -> tuple[jax.Array, ...]:
     """dq, dk, dg1, dg2 and the mix gradient's pieces of every chunk in parallel (the split backward's dq / dk
     kernel, twin `pallas_gpu_bwd._dqk_kernel` with grads_order "split": the intra-chunk terms dqi, dki come from
-    `_dqk_intra_kernel`). Opt-in (`GpuConfig.bwd_dqk_mosaic`): correct on an H200 with strong gates, but 3.15 ms
-    against the twin's 2.39 at B1 T8192 (v11, call 2): it runs one 128-thread program per SM at 255 registers and
-    spills ~1.9 GB (kernel_notes 13 has the next form).
+    `_dqk_intra_kernel`). Opt-in (`GpuConfig.bwd_dqk_mosaic`): correct on an H200 with strong gates and finer
+    than the twin (dq / dg1 errors against XLA 7.7e-5 / 4.7e-4 against 5.8e-4 / 6.8e-4), but no faster: forward +
+    backward 5.999 ms against 5.958 with the twin at B1 T8192 (v11, call 4). It runs one 128-thread program per SM
+    at 255 registers and spills; the order of its statements alone moved it between 2.4 and 3.15 ms (kernel_notes
+    13 has the next form).
 
     Per program (64-key tile, batch x head, chunk c) and state s, with w_s the mix weight, b the chunk-local
     inclusive gate cumsum, bL its last row, H_c the state entering the chunk and D = Dloc + diag(e) dS_end the
@@ -194,9 +195,6 @@ def dqk_mgpu(
             decays to the segment end; ds_end: [B * H, P, 2, K, V] float32; dqi, dki: [2, B * H, T, K] float32;
             bl: [2, B * H, N, K] float32 per-chunk gate sums (`chunk_gate_sums`).
         kv_f32: dk, dg1, dg2 in float32 (grouped heads: summed per kv head by the caller).
-        park: state 0's float32 dq and dk go to a global scratch array (through shared memory, by TMA) and come
-            back at the end, instead of staying in registers while state 1 runs (-64 registers per thread; the
-            round trip stays mostly in L2). False: carried in registers (session 8's form 3b).
 
     Returns:
         dq [B, T, H, K] (q's dtype), dk, dg1, dg2 [B, T, H, K] (float32 with kv_f32, else k's / g's dtype) and the
@@ -225,16 +223,14 @@ def dqk_mgpu(
     dk_dt = f32 if kv_f32 else k.dtype
     dg_dt = f32 if kv_f32 else g1.dtype
     # Barriers, each used once: q 0, k 1, g_s 2 + s, do tiles 4.., v tiles 4 + nv.., e F, w F + 1, bL F + 2,
-    # dqi / dki of state s on IQ[s], IQ[s] + 1, state tiles (s, j) on ST + 3 (s nv + j) + 0..2, the parked dq, dk
-    # coming back on IQ[1] + 2, + 3.
+    # dqi / dki of state s on IQ[s], IQ[s] + 1, state tiles (s, j) on ST + 3 (s nv + j) + 0..2.
     F = 4 + 2 * nv
     ST = F + 5
     IQ = (F + 3, ST + 6 * nv)
-    PK = IQ[1] + 2
     sw = lambda dt: sw32 if jnp.dtype(dt).itemsize == 4 else sw16  # noqa: E731
 
     def body(w_ref, q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, hs_ref, dl_ref, e_ref, de_ref, dqi_ref, dki_ref,
-             bl_ref, dq_ref, dk_ref, dg1_ref, dg2_ref, dw_ref, park_ref, *scratch):  # fmt: skip
+             bl_ref, dq_ref, dk_ref, dg1_ref, dg2_ref, dw_ref, *scratch):  # fmt: skip
         (q_sm, k_sm, g_sm, do_sm, v_sm, e_sm, w_sm, bl_sm, st_sm, hl_sm, tri_sm, iq_sm, vec_sm, dg_sm, dq_sm, dk_sm,
          dw_sm, bar) = scratch  # fmt: skip
         ik, bh, c = lax.axis_index("ik"), lax.axis_index("bh"), lax.axis_index("c")
@@ -321,27 +317,13 @@ def dqk_mgpu(
             dw = jnp.sum(qf * dq_full, axis=1)  # per token (within a warp); the caller sums everything
             dq_s = ws * dq_full
             plgpu.commit_smem()  # the halves are written; iq_sm is read
-            if s == 0 and park:  # state 0's dq, dk leave by iq_sm and come back at the end
-                iq_sm.at[0][...] = dq_s
-                iq_sm.at[1][...] = dk_s
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(iq_sm.at[0], park_ref.at[0, bh, ts, ks])
-                plgpu.copy_smem_to_gmem(iq_sm.at[1], park_ref.at[1, bh, ts, ks])
-                dq = dk = None
-            else:
-                dq = dq_s if dq is None else dq + dq_s
-                dk = dk_s if dk is None else dk + dk_s
-            if s == 1 and park:
-                plgpu.wait_smem_to_gmem(0)  # every store so far has landed (state 0's long ago)
-                cp(park_ref.at[0, bh, ts, ks], iq_sm.at[0], bar.at[PK])
-                cp(park_ref.at[1, bh, ts, ks], iq_sm.at[1], bar.at[PK + 1])
+            dq = dq_s if dq is None else dq + dq_s
+            dk = dk_s if dk is None else dk + dk_s
             if s == 0:
-                if park:
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # iq_sm is read by the park's copies
                 fetch_intra(1)
             up, st = tri_sm.at[0], tri_sm.at[1]
             dg = mma(cols(vec_sm), [(up, hl_sm.at[0]), (up, hl_sm.at[1]), (st, hl_sm.at[2]), (st, hl_sm.at[3])])
-            if s and not park:
+            if s:
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # state 0's dg and dw have left
             dg_sm[...] = dg.astype(dg_sm.dtype)
             dw_sm[...] = dw
@@ -349,10 +331,6 @@ def dqk_mgpu(
             plgpu.copy_smem_to_gmem(dg_sm, (dg1_ref, dg2_ref)[s].at[b, ts, h, ks])
             plgpu.copy_smem_to_gmem(dw_sm, dw_ref.at[s, bh, c, pl.ds(ik * BT, BT)])
         wsum = cols(w_sm.at[0]) + cols(w_sm.at[1])
-        if park:
-            _wait(bar, PK, 2)
-            dq = dq + ld(iq_sm.at[0], acc)
-            dk = dk + ld(iq_sm.at[1], acc)
         dk = dk + scale * wsum * rows(dvd) * f(q_sm)
         dq_sm[...] = dq.astype(dq_sm.dtype)
         dk_sm[...] = dk.astype(dk_sm.dtype)
@@ -372,7 +350,6 @@ def dqk_mgpu(
             jax.ShapeDtypeStruct((B, T, H, K), dg_dt),
             jax.ShapeDtypeStruct((B, T, H, K), dg_dt),
             jax.ShapeDtypeStruct((2, B * H, N, nk * BT), f32),
-            jax.ShapeDtypeStruct((2, B * H, T if park else BT, K), f32),  # the parked dq, dk (scratch)
         ),
         grid=(nk, B * H, N),
         grid_names=("ik", "bh", "c"),
@@ -394,7 +371,7 @@ def dqk_mgpu(
             plgpu.SMEM((BT, BK), q.dtype, transforms=sw16),
             plgpu.SMEM((BT, BK), dk_dt, transforms=sw(dk_dt)),
             plgpu.SMEM((BT,), f32),  # dw
-            plgpu.Barrier(num_barriers=PK + 2),
+            plgpu.Barrier(num_barriers=IQ[1] + 2),
         ],
     )
-    return kernel(wv, q, k, v, do, g1, g2, hs, dl, e, ds_end, dqi, dki, bl)[:5]
+    return kernel(wv, q, k, v, do, g1, g2, hs, dl, e, ds_end, dqi, dki, bl)
