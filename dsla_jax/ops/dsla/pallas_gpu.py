@@ -98,8 +98,8 @@ class GpuConfig:
             0.39 ms, forward + backward 5.88 -> 5.41 ms (v10, call 3).
         bwd_dqk_mosaic: opt-in, off by default: with rec "mosaic", 16-bit inputs and grads_order "split", the split
             backward's dq / dk kernel runs on Mosaic GPU (`pallas_gpu_bwd_mgpu.dqk_mgpu`, third form). Correct on an
-            H200 with gates at -50 (its GPU test passes), but slower: 3.15 ms against the Triton kernel's 2.39 at B1
-            T8192, forward + backward 6.30 against 5.95 ms (v11, call 2; it spills at 255 registers).
+            H200 with gates at -50 (its GPU test passes) and finer than Triton's, but no faster: forward + backward
+            5.999 against 5.958 ms at B1 T8192 (v11, call 4; it spills at 255 registers).
         split_dtype: storage of the split form's decayed queries and keys: "float32" (both), "bfloat16" (both) or
             "kd-bfloat16" (keys only: they feed the states; the queries feed the outputs directly) or "kd-bf16x2"
             (keys as two bfloat16 halves, queries rounded to tf32: the Mosaic GPU kernels' operands).
