@@ -61,6 +61,12 @@ def swizzles() -> tuple[tuple, tuple]:
     )
 
 
+def swizzle_for(dtype) -> tuple:
+    """`swizzles()`'s transforms for a tile of this dtype: the float32 ones for 4-byte, else the 16-bit ones."""
+    sw32, sw16 = swizzles()
+    return sw32 if jnp.dtype(dtype).itemsize == 4 else sw16
+
+
 def kernel_ops(interpret: bool):
     """(ld, mma) for kernel bodies.
 

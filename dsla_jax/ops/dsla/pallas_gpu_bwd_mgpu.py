@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dsla_jax.ops.dsla.mgpu import kernel_ops, launch, split_halves, swizzles, zeros
+from dsla_jax.ops.dsla.mgpu import kernel_ops, launch, split_halves, swizzle_for, swizzles, zeros
 from dsla_jax.ops.dsla.pallas_gpu_rec_mgpu import _check, _wait
 
 f32 = jnp.float32
@@ -130,7 +130,7 @@ def dv_mgpu(
             plgpu.SMEM((BT, BV), do.dtype, transforms=sw16),
             plgpu.SMEM((K, BV), bf16, transforms=sw16),  # D_s hi
             plgpu.SMEM((K, BV), bf16, transforms=sw16),  # D_s lo
-            plgpu.SMEM((BT, BV), out_dtype, transforms=sw32 if jnp.dtype(out_dtype).itemsize == 4 else sw16),
+            plgpu.SMEM((BT, BV), out_dtype, transforms=swizzle_for(out_dtype)),
             plgpu.Barrier(num_barriers=11),
         ],
     )
@@ -227,7 +227,6 @@ def dqk_mgpu(
     F = 4 + 2 * nv
     ST = F + 5
     IQ = (F + 3, ST + 6 * nv)
-    sw = lambda dt: sw32 if jnp.dtype(dt).itemsize == 4 else sw16  # noqa: E731
 
     def body(w_ref, q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, hs_ref, dl_ref, e_ref, de_ref, dqi_ref, dki_ref,
              bl_ref, dq_ref, dk_ref, dg1_ref, dg2_ref, dw_ref, *scratch):  # fmt: skip
@@ -367,9 +366,9 @@ def dqk_mgpu(
             plgpu.SMEM((2, BT, BT), bf16, transforms=sw16),  # the 0 / 1 matrices
             plgpu.SMEM((2, BT, BK), f32, transforms=sw32),  # dqi_s, dki_s
             plgpu.SMEM((BK,), f32),  # sum_V H_c * D
-            plgpu.SMEM((BT, BK), dg_dt, transforms=sw(dg_dt)),
+            plgpu.SMEM((BT, BK), dg_dt, transforms=swizzle_for(dg_dt)),
             plgpu.SMEM((BT, BK), q.dtype, transforms=sw16),
-            plgpu.SMEM((BT, BK), dk_dt, transforms=sw(dk_dt)),
+            plgpu.SMEM((BT, BK), dk_dt, transforms=swizzle_for(dk_dt)),
             plgpu.SMEM((BT,), f32),  # dw
             plgpu.Barrier(num_barriers=IQ[1] + 2),
         ],
