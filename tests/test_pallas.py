@@ -8,6 +8,7 @@ larger shapes and are skipped without a GPU.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -282,8 +283,8 @@ def test_mosaic_recurrent_kernel_interpret(case):
     if P > 1:  # the Mosaic adjoint pass beside the Triton state pass and dv kernel (no kd residual)
         mixed = dataclasses.replace(cfg, bwd_states_mosaic=False)
         check_against_oracle(pallas_fn("gpu", chunk, mixed), args, dtype, skip=skip)
-        # and the opt-in Mosaic dq / dk kernel end to end (its twin test: `test_mosaic_backward_kernels_match_...`)
-        check_against_oracle(pallas_fn("gpu", chunk, dataclasses.replace(cfg, bwd_dqk_mosaic=True)), args, dtype)
+        # and the Triton dq / dk kernel in place of the default Mosaic one (twins: `test_mosaic_backward_kernels_...`)
+        check_against_oracle(pallas_fn("gpu", chunk, dataclasses.replace(cfg, bwd_dqk_mosaic=False)), args, dtype)
     # The intra kernel writing kd's bfloat16 halves and tf32-rounded qd itself, for the Mosaic and Triton kernels.
     for rec in ("mosaic", "triton"):
         cfg2 = dataclasses.replace(cfg, rec=rec, split_dtype="kd-bf16x2")
@@ -370,16 +371,17 @@ def test_mosaic_recurrent_kernel_lowers():
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 2
     # Under differentiation the backward's state and adjoint passes and its dv kernel are Mosaic kernels too
-    # (`bwd_states_mosaic`, `bwd_adjoints_mosaic`, `bwd_dv_mosaic`); the dq / dk kernel is Triton's by default.
+    # (`bwd_states_mosaic`, `bwd_adjoints_mosaic`, `bwd_dv_mosaic`, `bwd_dqk_mosaic`); the intra-chunk dq / dk
+    # terms stay Triton's.
     loss = lambda *a: fn(*a)[0].astype(jnp.float32).sum()  # noqa: E731
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    for name in ("dsla_chunk_states_mgpu", "dsla_chunk_adjoints_mgpu", "dsla_dv_mgpu", "dsla_bwd_dqk"):
+    for name in ("dsla_chunk_states_mgpu", "dsla_chunk_adjoints_mgpu", "dsla_dv_mgpu", "dsla_dqk_mgpu"):
         assert name in text, name
-    assert "dsla_dqk_mgpu" not in text
-    fn = pallas_fn("gpu", 64, dataclasses.replace(cfg, bwd_dqk_mosaic=True), interpret=False)  # the opt-in one
+    assert "dsla_bwd_dqk_intra" in text and not re.search(r"dsla_bwd_dqk\b", text)
+    fn = pallas_fn("gpu", 64, dataclasses.replace(cfg, bwd_dqk_mosaic=False), interpret=False)  # Triton's dq / dk
     loss = lambda *a: fn(*a)[0].astype(jnp.float32).sum()  # noqa: E731
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "dsla_dqk_mgpu" in text
+    assert re.search(r"dsla_bwd_dqk\b", text) and "dsla_dqk_mgpu" not in text
 
 
 def _kernel_primitives(fn, args) -> dict[str, set[str]]:
@@ -724,12 +726,14 @@ def test_gpu_compiled_mosaic_recurrent(split_dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-def test_gpu_compiled_mosaic_dqk():
-    """The opt-in Mosaic GPU dq / dk kernel (`bwd_dqk_mosaic=True`, third form), compiled, every gradient, gates
-    uniform in [-50, 0] in one state (where the second form's dg1 missed the bar: 6.1e-3, v10 call 6)."""
+@pytest.mark.parametrize("mosaic", [True, False])
+def test_gpu_compiled_dqk_kernels(mosaic):
+    """The Mosaic GPU dq / dk kernel (`bwd_dqk_mosaic=True`, the default) and the Triton one, compiled, every
+    gradient, gates uniform in [-50, 0] in one state (where an earlier Mosaic form's dg1 missed the bar: 6.1e-3,
+    v10 call 6)."""
     B, T, H, Hk, K, V, dtype, gates = GPU_BIG[0]
     args = make_inputs(T, B, T, H, Hk, K, V, dtype, gates)
-    cfg = GpuConfig(rec="mosaic", bwd_dqk_mosaic=True)
+    cfg = GpuConfig(rec="mosaic", bwd_dqk_mosaic=mosaic)
     check_against_oracle(pallas_fn("gpu", 64, cfg, interpret=False), args, dtype)
 
 

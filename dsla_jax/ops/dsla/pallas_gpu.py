@@ -96,10 +96,9 @@ class GpuConfig:
         bwd_dv_mosaic: with rec "mosaic" and bwd_states_mosaic, the split backward's dv kernel runs on Mosaic GPU
             (`pallas_gpu_bwd_mgpu.dv_mgpu`) from the forward's kd halves. On an H200 at B1 T8192: the kernel 0.84 ->
             0.39 ms, forward + backward 5.88 -> 5.41 ms (v10, call 3).
-        bwd_dqk_mosaic: opt-in, off by default: with rec "mosaic", 16-bit inputs and grads_order "split", the split
-            backward's dq / dk kernel runs on Mosaic GPU (`pallas_gpu_bwd_mgpu.dqk_mgpu`, third form). Correct on an
-            H200 with gates at -50 (its GPU test passes) and finer than Triton's, but no faster: forward + backward
-            5.999 against 5.958 ms at B1 T8192 (v11, call 4; it spills at 255 registers).
+        bwd_dqk_mosaic: with rec "mosaic", 16-bit inputs and grads_order "split", the split backward's dq / dk
+            kernel runs on Mosaic GPU (`pallas_gpu_bwd_mgpu.dqk_mgpu`, one state per program). On an H200 at B1
+            T8192: the kernel 2.39 -> 1.23 ms, forward + backward 5.98 -> 5.06 ms, finer dq and dg (v12, call 1).
         split_dtype: storage of the split form's decayed queries and keys: "float32" (both), "bfloat16" (both) or
             "kd-bfloat16" (keys only: they feed the states; the queries feed the outputs directly) or "kd-bf16x2"
             (keys as two bfloat16 halves, queries rounded to tf32: the Mosaic GPU kernels' operands).
@@ -209,7 +208,7 @@ class GpuConfig:
     bwd_states_mosaic: bool = True
     bwd_adjoints_mosaic: bool = True
     bwd_dv_mosaic: bool = True
-    bwd_dqk_mosaic: bool = False
+    bwd_dqk_mosaic: bool = True
     onepass_block_k: int = 32
     onepass_block_v: int = 64
     onepass_num_warps: int = 8

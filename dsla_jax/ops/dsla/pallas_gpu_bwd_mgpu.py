@@ -3,7 +3,7 @@
 `pallas_gpu_bwd._dv_kernel`) and `dqk_mgpu` (twin `pallas_gpu_bwd._dqk_kernel` with grads_order "split"). One
 warpgroup per program, TMA copies, WGMMA on bfloat16 operands: float32 tiles that a product reads transposed (tf32
 WGMMA reads both operands K-major only) are split in the kernel into bfloat16 halves, hi + lo, exact to ~2^-16.
-Measured against the twins in `docs/benchmarks.md` (v10; dq / dk's third form v11: correct, slower than its twin).
+Measured against the twins in `docs/benchmarks.md` (v10; dq / dk one state per program v12).
 """
 
 from __future__ import annotations
@@ -161,33 +161,37 @@ def dqk_mgpu(
 ) -> tuple[jax.Array, ...]:
     """dq, dk, dg1, dg2 and the mix gradient's pieces of every chunk in parallel (the split backward's dq / dk
     kernel, twin `pallas_gpu_bwd._dqk_kernel` with grads_order "split": the intra-chunk terms dqi, dki come from
-    `_dqk_intra_kernel`). Opt-in (`GpuConfig.bwd_dqk_mosaic`): correct on an H200 with strong gates and finer
-    than the twin (dq / dg1 errors against XLA 7.7e-5 / 4.7e-4 against 5.8e-4 / 6.8e-4), but no faster: forward +
-    backward 5.999 ms against 5.958 with the twin at B1 T8192 (v11, call 4). It runs one 128-thread program per SM
-    at 255 registers and spills; the order of its statements alone moved it between 2.4 and 3.15 ms (kernel_notes
-    13 has the next form).
+    `_dqk_intra_kernel`). The default where the forward ran the Mosaic GPU kernels (`GpuConfig.bwd_dqk_mosaic`):
+    on an H200 at B1 T8192 H32 D128 bf16 the kernel takes 1.23 ms against the twin's 2.39, forward + backward 5.06
+    against 5.98 ms in the same call, with finer gradients (dq / dg1 errors against XLA 7.7e-5 / 4.7e-4 against
+    5.8e-4 / 6.8e-4) (v12, call 1).
 
-    Per program (64-key tile, batch x head, chunk c) and state s, with w_s the mix weight, b the chunk-local
+    Per program (state s x 64-key tile, batch x head, chunk c), with w_s the mix weight, b the chunk-local
     inclusive gate cumsum, bL its last row, H_c the state entering the chunk and D = Dloc + diag(e) dS_end the
     adjoint of the state leaving it:
 
         dq_s = scale (exp(b) * (do H_c^T) + dqi_s)          dk_s = x_s + w_s scale dki_s,  x_s = exp(bL - b) * (v D^T)
         dg_s,t = sum_{i >= t} (w_s q dq_s - w_s scale k dki_s)_i + sum_{i < t} (k x_s)_i + exp(bL) sum_V H_c * D
-        dq = sum_s w_s (dq_s + scale (do . v) k)           dk = sum_s dk_s + (w_1 + w_2) scale (do . v) q
+        dq = sum_s w_s (dq_s + scale (do . v) k)           dk = sum_s (dk_s + w_s scale (do . v) q)
 
     The gate gradient is the textbook reverse cumsum of w_s q dq_s - k dk_s plus the boundary term sum_V H_{c+1} * D
     = exp(bL) sum_V H_c * D + sum_i (k x_s)_i, rearranged so that the reverse cumsum's -k x_s and the boundary's
     +k x_s cancel in exact arithmetic instead of in rounding: for strongly decaying gates both are O(1) near the
-    chunk's end while dg is tiny (the second form of this kernel read sum_V H_{c+1} * D from the state pass and
-    missed the bar by that cancellation: dg1 6.1e-3 on an H200, v10 call 6).
+    chunk's end while dg is tiny (a form that read sum_V H_{c+1} * D from the state pass missed the bar by that
+    cancellation: dg1 6.1e-3 on an H200, v10 call 6).
+
+    One state per program: a program carries one state's tiles only (the state and key tile are the grid's fastest
+    axis, so a chunk's four programs share its q, k, v, do in L2). Each program writes its state's share of dq and
+    dk as float32 partials [2, B, T, H, K], summed by XLA and rounded once; dg_s and dw_s are its own. (Both states
+    in one program carried state 0's dq and dk across state 1's loop: 255 registers with 1-4 GB of spill traffic,
+    2.4-4.6 ms for the kernel, forward + backward 6.43 ms in v12 call 1; this form also sits at 255 registers, with
+    no spills, 202 KB of shared memory.)
 
     The state tiles come in [64, 64] float32 pieces (H_c, Dloc, dS_end), are combined in registers, and H_c and D
     are split into bfloat16 halves for the products with do and v (bf16 WGMMAs reading them transposed). The gate
     cumsum and both triangular sums are bf16 WGMMAs with two 0 / 1 matrices built once in shared memory (the
     cumsum's lower triangle is the upper one read transposed; exact for 16-bit gates, the summed terms in halves);
     every sum over tokens is a WGMMA or a per-token sum within a warp; bL comes from XLA. Every exponent is <= 0.
-    (An earlier build of this form made the 0 / 1 matrices in registers before each use and took bL from a third
-    WGMMA: 4.59 ms on an H200 at 255 registers with 4.1 GB of spill traffic, session 8 call 1.)
 
     Args:
         w: [2] float32 mix; q, k, g1, g2: [B, T, H, K] 16-bit; v, do: [B, T, H, V] 16-bit; hs, dl: [2, B * H, N, K,
@@ -220,52 +224,54 @@ def dqk_mgpu(
     sw32, sw16 = swizzles()
     ld, mma = kernel_ops(interpret)
     wv = jnp.broadcast_to(w.astype(f32)[:, None], (2, K))
-    dk_dt = f32 if kv_f32 else k.dtype
     dg_dt = f32 if kv_f32 else g1.dtype
-    # Barriers, each used once: q 0, k 1, g_s 2 + s, do tiles 4.., v tiles 4 + nv.., e F, w F + 1, bL F + 2,
-    # dqi / dki of state s on IQ[s], IQ[s] + 1, state tiles (s, j) on ST + 3 (s nv + j) + 0..2.
-    F = 4 + 2 * nv
+    # Barriers, each used once: q 0, k 1, g 2, do tiles 3.., v tiles 3 + nv.., e F, w F + 1, bL F + 2, dqi / dki
+    # F + 3, F + 4, state tiles j on ST + 3 j + 0..2.
+    F = 3 + 2 * nv
     ST = F + 5
-    IQ = (F + 3, ST + 6 * nv)
 
     def body(w_ref, q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, hs_ref, dl_ref, e_ref, de_ref, dqi_ref, dki_ref,
-             bl_ref, dq_ref, dk_ref, dg1_ref, dg2_ref, dw_ref, *scratch):  # fmt: skip
-        (q_sm, k_sm, g_sm, do_sm, v_sm, e_sm, w_sm, bl_sm, st_sm, hl_sm, tri_sm, iq_sm, vec_sm, dg_sm, dq_sm, dk_sm,
-         dw_sm, bar) = scratch  # fmt: skip
-        ik, bh, c = lax.axis_index("ik"), lax.axis_index("bh"), lax.axis_index("c")
+             bl_ref, dq_ref, dk_ref, dg_ref, dw_ref, *scratch):  # fmt: skip
+        (q_sm, k_sm, g_sm, do_sm, v_sm, e_sm, w_sm, bl_sm, st_sm, hl_sm, tri_sm, iq_sm, vec_sm, dg_sm, dw_sm,
+         bar) = scratch  # fmt: skip
+        sk, bh, c = lax.axis_index("sk"), lax.axis_index("bh"), lax.axis_index("c")
+        s, ik = lax.div(sk, nk), lax.rem(sk, nk)
         b, h, p = lax.div(bh, H), lax.rem(bh, H), lax.div(c, NC)
         ts, ks = pl.ds(c * BT, BT), pl.ds(ik * BK, BK)
         cp = plgpu.copy_gmem_to_smem
 
-        def fetch_states(i):  # state s = i // nv, value tile j = i % nv: H_c, Dloc, dS_end
-            s, j = divmod(i, nv)
+        def fetch_states(j):  # value tile j: H_c, Dloc, dS_end of state s
             vs = pl.ds(j * BV, BV)
-            cp(hs_ref.at[s, bh, c, ks, vs], st_sm.at[0], bar.at[ST + 3 * i])
-            cp(dl_ref.at[s, bh, c, ks, vs], st_sm.at[1], bar.at[ST + 3 * i + 1])
-            cp(de_ref.at[bh, p, s, ks, vs], st_sm.at[2], bar.at[ST + 3 * i + 2])
-
-        def fetch_intra(s):
-            cp(dqi_ref.at[s, bh, ts, ks], iq_sm.at[0], bar.at[IQ[s]])
-            cp(dki_ref.at[s, bh, ts, ks], iq_sm.at[1], bar.at[IQ[s] + 1])
+            cp(hs_ref.at[s, bh, c, ks, vs], st_sm.at[0], bar.at[ST + 3 * j])
+            cp(dl_ref.at[s, bh, c, ks, vs], st_sm.at[1], bar.at[ST + 3 * j + 1])
+            cp(de_ref.at[bh, p, s, ks, vs], st_sm.at[2], bar.at[ST + 3 * j + 2])
 
         cp(q_ref.at[b, ts, h, ks], q_sm, bar.at[0])
         cp(k_ref.at[b, ts, h, ks], k_sm, bar.at[1])
-        cp(g1_ref.at[b, ts, h, ks], g_sm.at[0], bar.at[2])
-        cp(g2_ref.at[b, ts, h, ks], g_sm.at[1], bar.at[3])
+
+        @pl.when(s == 0)
+        def _():
+            cp(g1_ref.at[b, ts, h, ks], g_sm, bar.at[2])
+
+        @pl.when(s == 1)
+        def _():
+            cp(g2_ref.at[b, ts, h, ks], g_sm, bar.at[2])
+
         for j in range(nv):
-            cp(do_ref.at[b, ts, h, pl.ds(j * BV, BV)], do_sm.at[j], bar.at[4 + j])
-            cp(v_ref.at[b, ts, h, pl.ds(j * BV, BV)], v_sm.at[j], bar.at[4 + nv + j])
-        cp(e_ref.at[:, bh, c, ks], e_sm, bar.at[F])
-        cp(w_ref.at[:, ks], w_sm, bar.at[F + 1])
-        cp(bl_ref.at[:, bh, c, ks], bl_sm, bar.at[F + 2])
-        fetch_intra(0)
+            cp(do_ref.at[b, ts, h, pl.ds(j * BV, BV)], do_sm.at[j], bar.at[3 + j])
+            cp(v_ref.at[b, ts, h, pl.ds(j * BV, BV)], v_sm.at[j], bar.at[3 + nv + j])
+        cp(e_ref.at[s, bh, c, ks], e_sm, bar.at[F])
+        cp(w_ref.at[s, ks], w_sm, bar.at[F + 1])
+        cp(bl_ref.at[s, bh, c, ks], bl_sm, bar.at[F + 2])
+        cp(dqi_ref.at[s, bh, ts, ks], iq_sm.at[0], bar.at[F + 3])
+        cp(dki_ref.at[s, bh, ts, ks], iq_sm.at[1], bar.at[F + 4])
         fetch_states(0)
         # The 0 / 1 matrices [t, i], built while the copies fly: 1 where i >= t (the cumsum's i <= t: transposed)
         # and where i < t.
         d = (iota((BT, BT), 0, acc, interpret) - iota((BT, BT), 1, acc, interpret)).astype(f32)
         tri_sm.at[0][...] = jnp.clip(1.0 - d, 0.0, 1.0).astype(bf16)
         tri_sm.at[1][...] = jnp.clip(d, 0.0, 1.0).astype(bf16)
-        _wait(bar, 4, 2 * nv + 3)
+        _wait(bar, 3, 2 * nv + 3)  # do, v, e, w, bL
         f = lambda ref: ld(ref, acc).astype(f32)  # noqa: E731
         dvd = sum(jnp.sum(f(do_sm.at[j]) * f(v_sm.at[j]), axis=1) for j in range(nv))  # do_t . v_t, [BT]
 
@@ -275,67 +281,50 @@ def dqk_mgpu(
         def cols(ref):  # a [BK] shared-memory vector -> [BT, BK]
             return lax.broadcast_in_dim(ld(ref, acc.reduce(0)), (BT, BK), [1])
 
-        dq = dk = None
-        for s in range(2):
-            dqh = vds = zeros((BT, BK), acc, interpret)
-            hsum = None
-            for j in range(nv):
-                i = s * nv + j
-                _wait(bar, ST + 3 * i, 3)
-                ec = lax.broadcast_in_dim(ld(e_sm.at[s], acc.reduce(1)), (BK, BV), [0])
-                hc = ld(st_sm.at[0], acc)
-                dst = ld(st_sm.at[1], acc) + ec * ld(st_sm.at[2], acc)  # D [BK, BV]
-                part = jnp.sum(hc * dst, axis=1)  # sum_V H_c * D, per key channel (within a warp)
-                hsum = part if hsum is None else hsum + part
-                if j == nv - 1:
-                    hsum = hsum * jnp.exp(ld(bl_sm.at[s], acc.reduce(1)))  # the boundary term, per key channel
-                split_halves(hc, hl_sm.at[0], hl_sm.at[1])
-                split_halves(dst, hl_sm.at[2], hl_sm.at[3])
-                plgpu.commit_smem()  # also a warpgroup barrier: st_sm is read
-                if i + 1 < 2 * nv:
-                    fetch_states(i + 1)
-                dqh = mma(dqh, [(do_sm.at[j], ("T", hl_sm.at[0])), (do_sm.at[j], ("T", hl_sm.at[1]))])
-                vds = mma(vds, [(v_sm.at[j], ("T", hl_sm.at[2])), (v_sm.at[j], ("T", hl_sm.at[3]))])
-            vec_sm[...] = hsum  # rows (key channels) here, columns below: through shared memory
-            _wait(bar, 2 + s, 1)
-            bg = mma(zeros((BT, BK), acc, interpret), [(("T", tri_sm.at[0]), g_sm.at[s])])  # inclusive cumsum
-            if s == 0:
-                _wait(bar, 0, 2)  # q, k
-            _wait(bar, IQ[s], 2)
-            plgpu.commit_smem()  # vec_sm is written
-            ws = cols(w_sm.at[s])
-            x = vds * jnp.exp(jnp.minimum(cols(bl_sm.at[s]) - bg, 0.0))  # dk_s's state term
-            dq_s = scale * (dqh * jnp.exp(bg) + ld(iq_sm.at[0], acc))
-            kf = f(k_sm)
-            split_halves(kf * x, hl_sm.at[2], hl_sm.at[3])
-            dki_w = (scale * ws) * ld(iq_sm.at[1], acc)
-            dk_s = x + dki_w
-            qf = f(q_sm)
-            split_halves(ws * qf * dq_s - kf * dki_w, hl_sm.at[0], hl_sm.at[1])
-            dq_full = dq_s + scale * rows(dvd) * kf
-            dw = jnp.sum(qf * dq_full, axis=1)  # per token (within a warp); the caller sums everything
-            dq_s = ws * dq_full
-            plgpu.commit_smem()  # the halves are written; iq_sm is read
-            dq = dq_s if dq is None else dq + dq_s
-            dk = dk_s if dk is None else dk + dk_s
-            if s == 0:
-                fetch_intra(1)
-            up, st = tri_sm.at[0], tri_sm.at[1]
-            dg = mma(cols(vec_sm), [(up, hl_sm.at[0]), (up, hl_sm.at[1]), (st, hl_sm.at[2]), (st, hl_sm.at[3])])
-            if s:
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # state 0's dg and dw have left
-            dg_sm[...] = dg.astype(dg_sm.dtype)
-            dw_sm[...] = dw
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(dg_sm, (dg1_ref, dg2_ref)[s].at[b, ts, h, ks])
-            plgpu.copy_smem_to_gmem(dw_sm, dw_ref.at[s, bh, c, pl.ds(ik * BT, BT)])
-        wsum = cols(w_sm.at[0]) + cols(w_sm.at[1])
-        dk = dk + scale * wsum * rows(dvd) * f(q_sm)
-        dq_sm[...] = dq.astype(dq_sm.dtype)
-        dk_sm[...] = dk.astype(dk_sm.dtype)
+        dqh = vds = zeros((BT, BK), acc, interpret)
+        hsum = None
+        ec = lax.broadcast_in_dim(ld(e_sm, acc.reduce(1)), (BK, BV), [0])
+        for j in range(nv):
+            _wait(bar, ST + 3 * j, 3)
+            hc = ld(st_sm.at[0], acc)
+            dst = ld(st_sm.at[1], acc) + ec * ld(st_sm.at[2], acc)  # D [BK, BV]
+            part = jnp.sum(hc * dst, axis=1)  # sum_V H_c * D, per key channel (within a warp)
+            hsum = part if hsum is None else hsum + part
+            split_halves(hc, hl_sm.at[0], hl_sm.at[1])
+            split_halves(dst, hl_sm.at[2], hl_sm.at[3])
+            plgpu.commit_smem()  # also a warpgroup barrier: st_sm is read
+            if j + 1 < nv:
+                fetch_states(j + 1)
+            dqh = mma(dqh, [(do_sm.at[j], ("T", hl_sm.at[0])), (do_sm.at[j], ("T", hl_sm.at[1]))])
+            vds = mma(vds, [(v_sm.at[j], ("T", hl_sm.at[2])), (v_sm.at[j], ("T", hl_sm.at[3]))])
+        vec_sm[...] = hsum * jnp.exp(ld(bl_sm, acc.reduce(1)))  # the boundary term, per key channel: as columns
+        _wait(bar, 2, 1)
+        bg = mma(zeros((BT, BK), acc, interpret), [(("T", tri_sm.at[0]), g_sm)])  # inclusive cumsum
+        _wait(bar, 0, 2)  # q, k
+        _wait(bar, F + 3, 2)  # dqi, dki
+        plgpu.commit_smem()  # vec_sm is written
+        ws = cols(w_sm)
+        x = vds * jnp.exp(jnp.minimum(cols(bl_sm) - bg, 0.0))  # dk_s's state term
+        dq_s = scale * (dqh * jnp.exp(bg) + ld(iq_sm.at[0], acc))
+        kf = f(k_sm)
+        split_halves(kf * x, hl_sm.at[2], hl_sm.at[3])
+        dki_w = (scale * ws) * ld(iq_sm.at[1], acc)
+        qf = f(q_sm)
+        split_halves(ws * qf * dq_s - kf * dki_w, hl_sm.at[0], hl_sm.at[1])
+        sd = scale * rows(dvd)
+        dq_full = dq_s + sd * kf
+        dw_sm[...] = jnp.sum(qf * dq_full, axis=1)  # per token (within a warp); the caller sums everything
+        st_sm.at[0][...] = ws * dq_full  # this state's dq and dk shares, float32, in the free state buffers
+        st_sm.at[1][...] = x + dki_w + ws * sd * qf
+        plgpu.commit_smem()  # the halves and shares are written; iq_sm, st_sm are read
+        plgpu.copy_smem_to_gmem(st_sm.at[0], dq_ref.at[s, b, ts, h, ks])
+        plgpu.copy_smem_to_gmem(st_sm.at[1], dk_ref.at[s, b, ts, h, ks])
+        plgpu.copy_smem_to_gmem(dw_sm, dw_ref.at[s, bh, c, pl.ds(ik * BT, BT)])
+        up, lo = tri_sm.at[0], tri_sm.at[1]
+        dg = mma(cols(vec_sm), [(up, hl_sm.at[0]), (up, hl_sm.at[1]), (lo, hl_sm.at[2]), (lo, hl_sm.at[3])])
+        dg_sm[...] = dg.astype(dg_sm.dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(dq_sm, dq_ref.at[b, ts, h, ks])
-        plgpu.copy_smem_to_gmem(dk_sm, dk_ref.at[b, ts, h, ks])
+        plgpu.copy_smem_to_gmem(dg_sm, dg_ref.at[s, b, ts, h, ks])
         plgpu.wait_smem_to_gmem(0)
 
     kernel = launch(
@@ -344,33 +333,32 @@ def dqk_mgpu(
         interpret=interpret,
         reduction_scratch_bytes=0,  # every reduction stays within a warp
         out_type=(
-            jax.ShapeDtypeStruct((B, T, H, K), q.dtype),
-            jax.ShapeDtypeStruct((B, T, H, K), dk_dt),
-            jax.ShapeDtypeStruct((B, T, H, K), dg_dt),
-            jax.ShapeDtypeStruct((B, T, H, K), dg_dt),
+            jax.ShapeDtypeStruct((2, B, T, H, K), f32),
+            jax.ShapeDtypeStruct((2, B, T, H, K), f32),
+            jax.ShapeDtypeStruct((2, B, T, H, K), dg_dt),
             jax.ShapeDtypeStruct((2, B * H, N, nk * BT), f32),
         ),
-        grid=(nk, B * H, N),
-        grid_names=("ik", "bh", "c"),
+        grid=(2 * nk, B * H, N),
+        grid_names=("sk", "bh", "c"),
         scratch_types=[
             plgpu.SMEM((BT, BK), q.dtype, transforms=sw16),
             plgpu.SMEM((BT, BK), k.dtype, transforms=sw16),
-            plgpu.SMEM((2, BT, BK), g1.dtype, transforms=sw16),
+            plgpu.SMEM((BT, BK), g1.dtype, transforms=sw16),
             plgpu.SMEM((nv, BT, BV), do.dtype, transforms=sw16),
             plgpu.SMEM((nv, BT, BV), v.dtype, transforms=sw16),
-            plgpu.SMEM((2, BK), f32),  # e
-            plgpu.SMEM((2, BK), f32),  # w
-            plgpu.SMEM((2, BK), f32),  # bL
-            plgpu.SMEM((3, BK, BV), f32, transforms=sw32),  # H_c, Dloc, dS_end tiles
+            plgpu.SMEM((BK,), f32),  # e
+            plgpu.SMEM((BK,), f32),  # w
+            plgpu.SMEM((BK,), f32),  # bL
+            plgpu.SMEM((3, BK, BV), f32, transforms=sw32),  # H_c, Dloc, dS_end tiles; at the end dq, dk shares
             plgpu.SMEM((4, BK, BV), bf16, transforms=sw16),  # H_c, D halves; later r's and k x's halves
             plgpu.SMEM((2, BT, BT), bf16, transforms=sw16),  # the 0 / 1 matrices
             plgpu.SMEM((2, BT, BK), f32, transforms=sw32),  # dqi_s, dki_s
             plgpu.SMEM((BK,), f32),  # sum_V H_c * D
             plgpu.SMEM((BT, BK), dg_dt, transforms=swizzle_for(dg_dt)),
-            plgpu.SMEM((BT, BK), q.dtype, transforms=sw16),
-            plgpu.SMEM((BT, BK), dk_dt, transforms=swizzle_for(dk_dt)),
             plgpu.SMEM((BT,), f32),  # dw
-            plgpu.Barrier(num_barriers=IQ[1] + 2),
+            plgpu.Barrier(num_barriers=ST + 3 * nv),
         ],
     )
-    return kernel(wv, q, k, v, do, g1, g2, hs, dl, e, ds_end, dqi, dki, bl)
+    dqp, dkp, dg, dw = kernel(wv, q, k, v, do, g1, g2, hs, dl, e, ds_end, dqi, dki, bl)
+    dk_dt = f32 if kv_f32 else k.dtype
+    return (dqp[0] + dqp[1]).astype(q.dtype), (dkp[0] + dkp[1]).astype(dk_dt), dg[0], dg[1], dw
