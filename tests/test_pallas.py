@@ -285,6 +285,8 @@ def test_mosaic_recurrent_kernel_interpret(case):
         check_against_oracle(pallas_fn("gpu", chunk, mixed), args, dtype, skip=skip)
         # and the Triton dq / dk kernel in place of the default Mosaic one (twins: `test_mosaic_backward_kernels_...`)
         check_against_oracle(pallas_fn("gpu", chunk, dataclasses.replace(cfg, bwd_dqk_mosaic=False)), args, dtype)
+        # and the intra-chunk dq / dk terms' fast path in Triton (`bwd_intra_mosaic=False`)
+        check_against_oracle(pallas_fn("gpu", chunk, dataclasses.replace(cfg, bwd_intra_mosaic=False)), args, dtype)
     # The intra kernel writing kd's bfloat16 halves and tf32-rounded qd itself, for the Mosaic and Triton kernels.
     for rec in ("mosaic", "triton"):
         cfg2 = dataclasses.replace(cfg, rec=rec, split_dtype="kd-bf16x2")
@@ -333,6 +335,14 @@ def test_mosaic_backward_kernels_match_triton_twins():
     want = kb.bwd_grads_gpu(w, q, k, v, do, g1, g2, hs, dl, e, ds_end, a, kv_f32=True, scale=scale, cfg=cfg, P=P,
                             interpret=True, with_dv=False)  # fmt: skip
     dqi, dki = kb.intra_terms_gpu(q, k, v, do, g1, g2, cfg=cfg, interpret=True)
+    # The intra-chunk terms' fast path on Mosaic GPU, then the Triton exact pass on the tiles XLA's gate sums flag.
+    bl = chunk_gate_sums(g1, g2, 64)
+    flags = kb.intra_flags(bl, cfg)
+    assert 0 < float(jnp.sum(flags)) < flags.size  # both paths run
+    fast = kbm.dqk_intra_mgpu(q, k, v, do, g1, g2, bl, thresh=cfg.thresh, interpret=True)
+    dqi_m, dki_m = kb.intra_terms_fixup_gpu(q, k, v, do, g1, g2, flags, *fast, cfg=cfg, interpret=True)
+    assert_close("dqi", dqi, dqi_m, 1e-5)
+    assert_close("dki", dki, dki_m, 1e-5)
     want = (*want[:2], *want[3:5], jnp.sum(want[5], axis=(1, 2, 3)))
     got = kbm.dqk_mgpu(w, q, k, v, do, g1, g2, hs, dl, e[:, :, :, 0], ds_end, dqi, dki, chunk_gate_sums(g1, g2, 64),
                        scale=scale, P=P, kv_f32=True, interpret=True)  # fmt: skip
@@ -371,17 +381,22 @@ def test_mosaic_recurrent_kernel_lowers():
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 2
     # Under differentiation the backward's state and adjoint passes and its dv kernel are Mosaic kernels too
-    # (`bwd_states_mosaic`, `bwd_adjoints_mosaic`, `bwd_dv_mosaic`, `bwd_dqk_mosaic`); the intra-chunk dq / dk
-    # terms stay Triton's.
+    # (`bwd_states_mosaic`, `bwd_adjoints_mosaic`, `bwd_dv_mosaic`, `bwd_dqk_mosaic`, `bwd_intra_mosaic`); the
+    # intra-chunk dq / dk terms' exact path stays Triton's.
     loss = lambda *a: fn(*a)[0].astype(jnp.float32).sum()  # noqa: E731
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     for name in ("dsla_chunk_states_mgpu", "dsla_chunk_adjoints_mgpu", "dsla_dv_mgpu", "dsla_dqk_mgpu"):
         assert name in text, name
-    assert "dsla_bwd_dqk_intra" in text and not re.search(r"dsla_bwd_dqk\b", text)
+    assert "dsla_dqk_intra_mgpu" in text and "dsla_bwd_dqk_exact" in text
+    assert "dsla_bwd_dqk_intra" not in text and not re.search(r"dsla_bwd_dqk\b", text)
     fn = pallas_fn("gpu", 64, dataclasses.replace(cfg, bwd_dqk_mosaic=False), interpret=False)  # Triton's dq / dk
     loss = lambda *a: fn(*a)[0].astype(jnp.float32).sum()  # noqa: E731
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert re.search(r"dsla_bwd_dqk\b", text) and "dsla_dqk_mgpu" not in text
+    fn = pallas_fn("gpu", 64, dataclasses.replace(cfg, bwd_intra_mosaic=False), interpret=False)  # Triton intra terms
+    loss = lambda *a: fn(*a)[0].astype(jnp.float32).sum()  # noqa: E731
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "dsla_bwd_dqk_intra" in text and "dsla_dqk_intra_mgpu" not in text and "dsla_dqk_mgpu" in text
 
 
 def _kernel_primitives(fn, args) -> dict[str, set[str]]:
@@ -726,14 +741,15 @@ def test_gpu_compiled_mosaic_recurrent(split_dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("mosaic", [True, False])
-def test_gpu_compiled_dqk_kernels(mosaic):
-    """The Mosaic GPU dq / dk kernel (`bwd_dqk_mosaic=True`, the default) and the Triton one, compiled, every
+@pytest.mark.parametrize("form", ["mosaic", "triton-intra", "triton"])
+def test_gpu_compiled_dqk_kernels(form):
+    """The Mosaic GPU dq / dk kernel (`bwd_dqk_mosaic=True`, the default) with its intra-chunk terms' fast path on
+    Mosaic GPU (`bwd_intra_mosaic`, the default) or in Triton, and the Triton dq / dk kernel, compiled, every
     gradient, gates uniform in [-50, 0] in one state (where an earlier Mosaic form's dg1 missed the bar: 6.1e-3,
     v10 call 6)."""
     B, T, H, Hk, K, V, dtype, gates = GPU_BIG[0]
     args = make_inputs(T, B, T, H, Hk, K, V, dtype, gates)
-    cfg = GpuConfig(rec="mosaic", bwd_dqk_mosaic=mosaic)
+    cfg = GpuConfig(rec="mosaic", bwd_dqk_mosaic=form != "triton", bwd_intra_mosaic=form == "mosaic")
     check_against_oracle(pallas_fn("gpu", 64, cfg, interpret=False), args, dtype)
 
 

@@ -229,8 +229,14 @@ def _gpu_bwd_split(res, do, ds_T, *, scale, cfg, P, interpret, kv_f32=False):
     if mosaic_res is not None and cfg.bwd_dqk_mosaic and cfg.grads_order == "split" and sixteen:
         from dsla_jax.ops.dsla import pallas_gpu_bwd_mgpu as kbm
 
-        dqi, dki = kb.intra_terms_gpu(q, k, v, do, g1, g2, cfg=cfg, interpret=interpret)
         bl = chunk_gate_sums(g1, g2, cfg.chunk)
+        if cfg.bwd_intra_mosaic:  # the fast path on Mosaic GPU, the exact one on flagged tiles in Triton
+            dqi, dki = kbm.dqk_intra_mgpu(q, k, v, do, g1, g2, bl, thresh=cfg.thresh, chunk=cfg.chunk,
+                                          interpret=interpret)  # fmt: skip
+            flags = kb.intra_flags(bl, cfg)
+            dqi, dki = kb.intra_terms_fixup_gpu(q, k, v, do, g1, g2, flags, dqi, dki, cfg=cfg, interpret=interpret)
+        else:
+            dqi, dki = kb.intra_terms_gpu(q, k, v, do, g1, g2, cfg=cfg, interpret=interpret)
         dq, dk, dg1, dg2, dw = kbm.dqk_mgpu(
             w, q, k, v, do, g1, g2, hs, dl, e[:, :, :, 0], ds_end, dqi, dki, bl, scale=scale, P=P, chunk=cfg.chunk,
             kv_f32=kv_f32, interpret=interpret,

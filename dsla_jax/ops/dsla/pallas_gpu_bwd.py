@@ -376,16 +376,23 @@ def _dv_kernel(a_ref, k_ref, do_ref, g1_ref, g2_ref, dl_ref, e_ref, dend_ref, dv
     dv_ref[b, ts, h, vs] = dv.astype(dv_ref.dtype)
 
 
-def intra_terms_gpu(q, k, v, do, g1, g2, *, cfg: GpuConfig, interpret=False) -> tuple[jax.Array, jax.Array]:
-    """The intra-chunk terms of dq and dk of each state, [2, B * H, T, K] float32 each (grads_order "split";
-    `_dqk_intra_kernel`): the fast path for every chunk, then the exact path in place where the decay range needs it.
-    """
+def _intra_setup(q, v, cfg: GpuConfig, interpret):
+    """(grid, kernel keywords, compiler params) of the intra-chunk dq / dk kernels (`_dqk_intra_kernel`)."""
     B, T, H, K = q.shape
     BT, BV = cfg.bwd_chunk, min(cfg.grads_block_v, v.shape[-1])
     BKi = min(cfg.dqk_intra_block_k or cfg.block_k, K)
     params = _compiler_params(cfg.dqk_intra_num_warps or cfg.grads_num_warps, cfg.grads_num_stages, interpret)
     ikw = dict(H=H, BT=BT, BK=BKi, BV=BV, nm=_bwd_numerics(cfg))
     grid = (2 * (K // BKi), B * H, T // BT)  # (state, key tile) fastest: the programs of a chunk share do, v, q, k
+    return grid, ikw, params
+
+
+def intra_terms_gpu(q, k, v, do, g1, g2, *, cfg: GpuConfig, interpret=False) -> tuple[jax.Array, jax.Array]:
+    """The intra-chunk terms of dq and dk of each state, [2, B * H, T, K] float32 each (grads_order "split";
+    `_dqk_intra_kernel`): the fast path for every chunk, then the exact path in place where the decay range needs it.
+    """
+    B, T, H, K = q.shape
+    grid, ikw, params = _intra_setup(q, v, cfg, interpret)
     intra = pl.pallas_call(
         functools.partial(_dqk_intra_kernel, exact=False, **ikw),
         out_shape=(jax.ShapeDtypeStruct((2, B * H, T, K), f32),) * 2 + (jax.ShapeDtypeStruct(grid, f32),),
@@ -394,7 +401,26 @@ def intra_terms_gpu(q, k, v, do, g1, g2, *, cfg: GpuConfig, interpret=False) -> 
         interpret=interpret,
         name="dsla_bwd_dqk_intra",
     )(q, k, v, do, g1, g2)
-    dqi, dki = pl.pallas_call(  # the exact path where a chunk's decay range needs it, in place
+    return intra_terms_fixup_gpu(q, k, v, do, g1, g2, intra[2], *intra[:2], cfg=cfg, interpret=interpret)
+
+
+def intra_flags(bl: jax.Array, cfg: GpuConfig) -> jax.Array:
+    """The flags `intra_terms_fixup_gpu` reads, [2 * K / BK, B * H, N] float32 (BK its key tile), from the
+    per-chunk gate sums bl [2, B * H, N, K] (`pallas.chunk_gate_sums`): 1 where the key tile's decay range
+    max(-bL) exceeds the fast path's bound, as `_dqk_intra_kernel`'s fast launch writes them."""
+    S, BH, N, K = bl.shape
+    BKi = min(cfg.dqk_intra_block_k or cfg.block_k, K)
+    r = jnp.max(-bl.reshape(S, BH, N, K // BKi, BKi), axis=-1)  # [2, B * H, N, K / BK]
+    return (jnp.moveaxis(r, -1, 1).reshape(S * (K // BKi), BH, N) > cfg.thresh).astype(f32)
+
+
+def intra_terms_fixup_gpu(q, k, v, do, g1, g2, flags, dqi, dki, *, cfg: GpuConfig, interpret=False):
+    """The exact path of `_dqk_intra_kernel` on the flagged (state, key tile, chunk) programs only, in place: dqi,
+    dki [2, B * H, T, K] float32 from a fast path (Triton's or `pallas_gpu_bwd_mgpu.dqk_intra_mgpu`), flags as
+    `intra_flags`."""
+    B, T, H, K = q.shape
+    grid, ikw, params = _intra_setup(q, v, cfg, interpret)
+    return pl.pallas_call(  # the exact path where a chunk's decay range needs it, in place
         functools.partial(_dqk_intra_kernel, exact=True, **ikw),
         out_shape=(jax.ShapeDtypeStruct((2, B * H, T, K), f32),) * 2,
         grid=grid,
@@ -402,8 +428,7 @@ def intra_terms_gpu(q, k, v, do, g1, g2, *, cfg: GpuConfig, interpret=False) -> 
         compiler_params=params,
         interpret=interpret,
         name="dsla_bwd_dqk_exact",
-    )(q, k, v, do, g1, g2, intra[2], *intra[:2])
-    return dqi, dki
+    )(q, k, v, do, g1, g2, flags, dqi, dki)
 
 
 def bwd_grads_gpu(

@@ -362,3 +362,132 @@ def dqk_mgpu(
     dqp, dkp, dg, dw = kernel(wv, q, k, v, do, g1, g2, hs, dl, e, ds_end, dqi, dki, bl)
     dk_dt = f32 if kv_f32 else k.dtype
     return (dqp[0] + dqp[1]).astype(q.dtype), (dkp[0] + dkp[1]).astype(dk_dt), dg[0], dg[1], dw
+
+
+def dqk_intra_mgpu(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    do: jax.Array,
+    g1: jax.Array,
+    g2: jax.Array,
+    bl: jax.Array,
+    *,
+    thresh: float,
+    chunk: int = 64,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """The intra-chunk terms of dq and dk of each state on the fast path (twin: `pallas_gpu_bwd._dqk_intra_kernel`
+    with exact=False), every chunk in parallel, one state and 64-key tile per program:
+
+        dqi_s,i = exp(d_i) * sum_{j < i} dA_ij (k_j * exp(-d_j))
+        dki_s,j = exp(-d_j) * sum_{i > j} dA_ij (q_i * exp(d_i))
+
+    with dA = do v^T, d = clip(b - bL / 2, -thresh / 2, thresh / 2), b the chunk-local inclusive gate cumsum and bL
+    its last row: exact where the key tile's decay range max(-bL) is at most `thresh` (the clip is then inactive);
+    elsewhere finite and wrong, and redone by the Triton fix-up pass (`pallas_gpu_bwd.intra_terms_fixup_gpu`).
+
+    dA is one bf16 WGMMA per 64-column value tile (exact products, float32 sums); it and the decayed q, k are split
+    into bfloat16 halves, so each product is three bf16 WGMMAs (hi hi, hi lo, lo hi: ~2^-16 relative), dA read
+    transposed for dki. The gate cumsum is a bf16 WGMMA with a 0 / 1 matrix (exact for 16-bit gates); bL comes
+    from XLA.
+
+    Args:
+        q, k, g1, g2: [B, T, H, K] 16-bit; v, do: [B, T, H, V] 16-bit; bl: [2, B * H, N, K] float32 per-chunk gate
+            sums (`pallas.chunk_gate_sums`).
+
+    Returns:
+        dqi, dki [2, B * H, T, K] float32 (unscaled and unweighted, as the twin's).
+    """
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from dsla_jax.ops.dsla.mgpu import iota
+
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    BT, BK, BV = chunk, 64, 64
+    _check("intra-chunk dq / dk kernel", BT, BV, K, T, 1, v)
+    for name, x in (("q", q), ("k", k), ("g1", g1), ("g2", g2), ("do", do), ("v", v)):
+        if jnp.dtype(x.dtype).itemsize != 2:
+            raise ValueError(f"the Mosaic GPU intra-chunk dq / dk kernel needs 16-bit inputs, got {name} {x.dtype}")
+    if g1.dtype != g2.dtype:
+        raise ValueError(f"the Mosaic GPU dq / dk kernel needs both gates in one dtype, got {g1.dtype}, {g2.dtype}")
+    N = T // BT
+    nv, nk = V // BV, K // BK
+    lim = 0.5 * thresh
+    acc = plgpu.Layout.WGMMA
+    sw32, sw16 = swizzles()
+    ld, mma = kernel_ops(interpret)
+    # Barriers, each used once: q 0, k 1, g 2, bL 3, do tiles 4.., v tiles 4 + nv...
+
+    def body(q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, bl_ref, dqi_ref, dki_ref, *scratch):
+        q_sm, k_sm, g_sm, bl_sm, do_sm, v_sm, tri_sm, da_sm, qe_sm, ke_sm, out_sm, bar = scratch
+        sk, bh, c = lax.axis_index("sk"), lax.axis_index("bh"), lax.axis_index("c")
+        s, ik = lax.div(sk, nk), lax.rem(sk, nk)
+        b, h = lax.div(bh, H), lax.rem(bh, H)
+        ts, ks = pl.ds(c * BT, BT), pl.ds(ik * BK, BK)
+        cp = plgpu.copy_gmem_to_smem
+        for j in range(nv):
+            cp(do_ref.at[b, ts, h, pl.ds(j * BV, BV)], do_sm.at[j], bar.at[4 + j])
+            cp(v_ref.at[b, ts, h, pl.ds(j * BV, BV)], v_sm.at[j], bar.at[4 + nv + j])
+
+        @pl.when(s == 0)
+        def _():
+            cp(g1_ref.at[b, ts, h, ks], g_sm, bar.at[2])
+
+        @pl.when(s == 1)
+        def _():
+            cp(g2_ref.at[b, ts, h, ks], g_sm, bar.at[2])
+
+        cp(bl_ref.at[s, bh, c, ks], bl_sm, bar.at[3])
+        cp(q_ref.at[b, ts, h, ks], q_sm, bar.at[0])
+        cp(k_ref.at[b, ts, h, ks], k_sm, bar.at[1])
+        d = (iota((BT, BT), 0, acc, interpret) - iota((BT, BT), 1, acc, interpret)).astype(f32)  # i - j
+        tri_sm[...] = jnp.clip(1.0 - d, 0.0, 1.0).astype(bf16)  # [t, i]: 1 where i >= t (read transposed: cumsum)
+        _wait(bar, 4, 2 * nv)
+        da = mma(zeros((BT, BT), acc, interpret), [(do_sm.at[j], ("T", v_sm.at[j])) for j in range(nv)])
+        split_halves(da * jnp.clip(d, 0.0, 1.0), da_sm.at[0], da_sm.at[1])  # dA masked to j < i
+        _wait(bar, 2, 2)  # g, bL
+        plgpu.commit_smem()  # tri_sm, da_sm are written
+        bg = mma(zeros((BT, BK), acc, interpret), [(("T", tri_sm), g_sm)])  # inclusive cumsum
+        m = 0.5 * lax.broadcast_in_dim(ld(bl_sm, acc.reduce(0)), (BT, BK), [1])
+        dd = jnp.minimum(jnp.maximum(bg - m, -lim), lim)
+        ef, ei = jnp.exp(dd), jnp.exp(-dd)
+        _wait(bar, 0, 2)  # q, k
+        split_halves(ld(q_sm, acc).astype(f32) * ef, qe_sm.at[0], qe_sm.at[1])
+        split_halves(ld(k_sm, acc).astype(f32) * ei, ke_sm.at[0], ke_sm.at[1])
+        plgpu.commit_smem()  # the halves are written
+        z = zeros((BT, BK), acc, interpret)
+        hi, lo = da_sm.at[0], da_sm.at[1]
+        out_sm.at[0][...] = ef * mma(z, [(hi, ke_sm.at[0]), (hi, ke_sm.at[1]), (lo, ke_sm.at[0])])
+        out_sm.at[1][...] = ei * mma(z, [(("T", hi), qe_sm.at[0]), (("T", hi), qe_sm.at[1]), (("T", lo), qe_sm.at[0])])
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_sm.at[0], dqi_ref.at[s, bh, ts, ks])
+        plgpu.copy_smem_to_gmem(out_sm.at[1], dki_ref.at[s, bh, ts, ks])
+        plgpu.wait_smem_to_gmem(0)
+
+    kernel = launch(
+        body,
+        name="dsla_dqk_intra_mgpu",
+        interpret=interpret,
+        reduction_scratch_bytes=0,  # no reductions across warps
+        out_type=(jax.ShapeDtypeStruct((2, B * H, T, K), f32),) * 2,
+        grid=(2 * nk, B * H, N),
+        grid_names=("sk", "bh", "c"),
+        scratch_types=[
+            plgpu.SMEM((BT, BK), q.dtype, transforms=sw16),
+            plgpu.SMEM((BT, BK), k.dtype, transforms=sw16),
+            plgpu.SMEM((BT, BK), g1.dtype, transforms=sw16),
+            plgpu.SMEM((BK,), f32),  # bL
+            plgpu.SMEM((nv, BT, BV), do.dtype, transforms=sw16),
+            plgpu.SMEM((nv, BT, BV), v.dtype, transforms=sw16),
+            plgpu.SMEM((BT, BT), bf16, transforms=sw16),  # the 0 / 1 matrix
+            plgpu.SMEM((2, BT, BT), bf16, transforms=sw16),  # dA halves
+            plgpu.SMEM((2, BT, BK), bf16, transforms=sw16),  # q exp(d) halves
+            plgpu.SMEM((2, BT, BK), bf16, transforms=sw16),  # k exp(-d) halves
+            plgpu.SMEM((2, BT, BK), f32, transforms=sw32),  # dqi, dki
+            plgpu.Barrier(num_barriers=4 + 2 * nv),
+        ],
+    )
+    return kernel(q, k, v, do, g1, g2, bl)
