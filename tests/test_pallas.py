@@ -306,7 +306,7 @@ def test_mosaic_backward_kernels_match_triton_twins():
     from dsla_jax.ops.dsla import pallas_gpu_bwd as kb
     from dsla_jax.ops.dsla import pallas_gpu_bwd_mgpu as kbm
     from dsla_jax.ops.dsla import pallas_gpu_rec_mgpu as km
-    from dsla_jax.ops.dsla.pallas import chunk_gate_sums
+    from dsla_jax.ops.dsla.pallas_gpu import chunk_gate_sums
 
     B, T, H, K, V, P = 1, 256, 2, 64, 128, 2
     q, k, v, g1, g2, _, _ = make_inputs(11, B, T, H, H, K, V, jnp.bfloat16, ("logsig", "strong"))

@@ -88,14 +88,21 @@ def _chain(h0, s_loc, decay):
 
 def _gpu_fwd_split_mosaic(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret, keep):
     """The split forward with its segment pass and recurrent kernel on Mosaic GPU (`GpuConfig(rec="mosaic")`):
-    the Triton intra kernel, then `pallas_gpu_rec_mgpu`'s kernels on kd's bfloat16 halves (written by the intra
-    kernel with split_dtype "kd-bf16x2", else split here by XLA), the states transposed ([V, K]) in them."""
+    the Triton intra kernel (or, with `cfg.intra_mosaic`, `pallas_gpu_intra_mgpu`'s where it applies), then
+    `pallas_gpu_rec_mgpu`'s kernels on kd's bfloat16 halves (written by the intra kernel with split_dtype
+    "kd-bf16x2", else split here by XLA), the states transposed ([V, K]) in them."""
     from dsla_jax.ops.dsla import pallas_gpu as kg
     from dsla_jax.ops.dsla import pallas_gpu_rec_mgpu as km
 
     if keep and cfg.save_states:
         raise ValueError("GpuConfig(rec='mosaic') does not store chunk states (save_states=True)")
-    qd, kd, ebl, oi, *a = kg.fwd_intra_gpu(q, k, v, g1, g2, w, scale=scale, cfg=cfg, interpret=interpret, scores=keep)
+    intra = kg.fwd_intra_gpu
+    if cfg.intra_mosaic and cfg.split_dtype == "kd-bf16x2":  # the Mosaic intra kernel where it applies
+        from dsla_jax.ops.dsla import pallas_gpu_intra_mgpu as ki
+
+        if ki.intra_problem(q, k, v, g1, g2, cfg.chunk) is None:
+            intra = ki.fwd_intra_mgpu_fixed
+    qd, kd, ebl, oi, *a = intra(q, k, v, g1, g2, w, scale=scale, cfg=cfg, interpret=interpret, scores=keep)
     kd = kd if kd.shape[0] == 4 else km.split_kd(kd)
     BH, K, V = h0.shape[0], h0.shape[-2], h0.shape[-1]
     tiles = dict(chunk=cfg.chunk, block_v=min(cfg.block_v, V), interpret=interpret)
@@ -184,14 +191,6 @@ def _segment_adjoints(q, do, g1, g2, w, ds_T, *, scale, cfg, P, interpret):
     return jnp.stack(ds_end[::-1], axis=1)
 
 
-def chunk_gate_sums(g1: jax.Array, g2: jax.Array, chunk: int) -> jax.Array:
-    """Each chunk's gate sum bL per state and key channel, [2, B * H, T / chunk, K] float32, from g1, g2
-    [B, T, H, K] (T a multiple of chunk)."""
-    B, T, H, K = g1.shape
-    sums = [jnp.sum(g.astype(f32).reshape(B, T // chunk, chunk, H, K), axis=2) for g in (g1, g2)]
-    return jnp.stack([jnp.swapaxes(x, 1, 2).reshape(B * H, T // chunk, K) for x in sums])
-
-
 def _gpu_bwd_split(res, do, ds_T, *, scale, cfg, P, interpret, kv_f32=False):
     """All gradients by the split backward (`pallas_gpu_bwd`): per-chunk states forward, segment-local adjoints
     backward (chained in XLA), then every chunk in parallel. Returns (dq, dk, dv, dg1, dg2, dw, dh0) of the padded
@@ -229,7 +228,7 @@ def _gpu_bwd_split(res, do, ds_T, *, scale, cfg, P, interpret, kv_f32=False):
     if mosaic_res is not None and cfg.bwd_dqk_mosaic and cfg.grads_order == "split" and sixteen:
         from dsla_jax.ops.dsla import pallas_gpu_bwd_mgpu as kbm
 
-        bl = chunk_gate_sums(g1, g2, cfg.chunk)
+        bl = kg.chunk_gate_sums(g1, g2, cfg.chunk)
         if cfg.bwd_intra_mosaic:  # the fast path on Mosaic GPU, the exact one on flagged tiles in Triton
             dqi, dki = kbm.dqk_intra_mgpu(q, k, v, do, g1, g2, bl, thresh=cfg.thresh, chunk=cfg.chunk,
                                           interpret=interpret)  # fmt: skip

@@ -406,7 +406,7 @@ def intra_terms_gpu(q, k, v, do, g1, g2, *, cfg: GpuConfig, interpret=False) -> 
 
 def intra_flags(bl: jax.Array, cfg: GpuConfig) -> jax.Array:
     """The flags `intra_terms_fixup_gpu` reads, [2 * K / BK, B * H, N] float32 (BK its key tile), from the
-    per-chunk gate sums bl [2, B * H, N, K] (`pallas.chunk_gate_sums`): 1 where the key tile's decay range
+    per-chunk gate sums bl [2, B * H, N, K] (`pallas_gpu.chunk_gate_sums`): 1 where the key tile's decay range
     max(-bL) exceeds the fast path's bound, as `_dqk_intra_kernel`'s fast launch writes them."""
     S, BH, N, K = bl.shape
     BKi = min(cfg.dqk_intra_block_k or cfg.block_k, K)

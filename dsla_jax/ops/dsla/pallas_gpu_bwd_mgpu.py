@@ -394,7 +394,7 @@ def dqk_intra_mgpu(
 
     Args:
         q, k, g1, g2: [B, T, H, K] 16-bit; v, do: [B, T, H, V] 16-bit; bl: [2, B * H, N, K] float32 per-chunk gate
-            sums (`pallas.chunk_gate_sums`).
+            sums (`pallas_gpu.chunk_gate_sums`).
 
     Returns:
         dqi, dki [2, B * H, T, K] float32 (unscaled and unweighted, as the twin's).

@@ -1,0 +1,6 @@
+set -uo pipefail
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --target /tmp/fla .whl/fla*.whl .whl/flash_linear*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/fla
+nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/card.txt
+timeout 250 python3 -m bench.kernels --shapes B1T32768,B4T8192,B1T2048,B8T2048 --out $OUT/table_other.json 2>&1 | tee $OUT/table_other.log | grep "^|"
+timeout 320 python3 -m bench.kernels --shapes B1T8192 --fla-bwd --no-xla --out $OUT/table_B1T8192_flabwd.json 2>&1 | tee $OUT/table_flabwd.log | grep "^|\|warm-up"
