@@ -1,0 +1,1 @@
+export PYTHONPATH=. ; nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/card.txt; timeout 200 python3 -m pytest -m gpu tests/test_intra_mgpu.py -v -rfxX 2>&1 | grep -E "PASS|FAIL|ERROR|passed|failed" | tee $OUT/gpu_tests_intra.txt
