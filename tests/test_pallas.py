@@ -351,6 +351,16 @@ def test_mosaic_backward_kernels_match_triton_twins():
         assert_close(name, t, m, 2e-4)  # (dq is bfloat16 on both sides: 2.8e-5 apart; the rest ~1e-6)
 
 
+def test_segment_count_follows_the_lowering():
+    """`pick_segments` aims at ~2 programs per SM for the Triton kernels and ~1 for the Mosaic GPU ones (one program
+    per SM each: P = 4 against 8 measured faster at B1 T8192 and T32768, v12), never below 4 chunks per segment."""
+    from dsla_jax.ops.dsla.pallas_gpu import SEGMENT_PROGRAMS, pick_segments
+
+    for (bh, n), want in {(32, 128): (8, 4), (32, 512): (8, 4), (128, 128): (2, 1), (32, 8): (2, 2)}.items():
+        got = tuple(pick_segments(bh, n, 2, SEGMENT_PROGRAMS[lowering]) for lowering in ("triton", "mosaic"))
+        assert got == want, (bh, n, got)
+
+
 def test_rec_auto_resolution():
     """`GpuConfig.rec="auto"` picks the Mosaic GPU kernels (and kd's bfloat16 halves) only where they apply."""
     from dsla_jax.ops.dsla.pallas import resolve_rec

@@ -480,7 +480,7 @@ def dsla_attention_pallas(
         return jnp.zeros((B, 0, H, V), q.dtype), (h0[:, :, 0], h0[:, :, 1])
 
     if backend == "gpu":
-        from dsla_jax.ops.dsla.pallas_gpu import pick_segments
+        from dsla_jax.ops.dsla.pallas_gpu import SEGMENT_PROGRAMS, pick_segments
 
         if not gpu_dims_supported(K, V):
             raise ValueError(
@@ -493,7 +493,8 @@ def dsla_attention_pallas(
         )
         BT = cfg.chunk
         n_chunks = math.ceil(T / BT)
-        P = cfg.num_segments or pick_segments(B * H, n_chunks, V // min(cfg.fwd_block_v, V))
+        target = SEGMENT_PROGRAMS["mosaic" if cfg.rec == "mosaic" else "triton"]
+        P = cfg.num_segments or pick_segments(B * H, n_chunks, V // min(cfg.fwd_block_v, V), target)
         P = max(1, min(P, n_chunks))
         T_pad = P * math.ceil(n_chunks / P) * BT
     else:

@@ -67,7 +67,8 @@ class GpuConfig:
     Attributes:
         chunk: BT, tokens per chunk (power of two, >= 16).
         block_v: BV, value tile of the forward kernels (power of two dividing V).
-        num_segments: P, sequence segments run in parallel (None: chosen from B * H, see `pick_segments`).
+        num_segments: P, sequence segments run in parallel (None: chosen from B * H and the kernels' lowering,
+            see `pick_segments`).
         num_warps, num_stages: Triton launch parameters of the fused forward kernels.
         fwd: "split" (a parallel intra-chunk kernel, then a recurrent kernel of loads and matmuls only; see
             `fwd_split_gpu`), "onepass" (the intra kernel without decayed q / k stores, then a segment pass and a
@@ -233,8 +234,15 @@ class GpuConfig:
         return self.onepass_block_v if self.fwd == "onepass" else self.block_v
 
 
+SEGMENT_PROGRAMS = {"triton": 264, "mosaic": 132}
+
+
 def pick_segments(batch_heads: int, num_chunks: int, v_tiles: int, target_programs: int = 264) -> int:
-    """Segments P so that B * H * V-tiles * P reaches ~2 programs per SM (132 SMs on an H100), P | a power of 2."""
+    """Segments P (a power of 2) so that B * H * V-tiles * P reaches `target_programs`, with at least 4 chunks per
+    segment. `SEGMENT_PROGRAMS` holds the targets: ~2 programs per SM (132 SMs on an H100) for the Triton kernels,
+    ~1 for the Mosaic GPU ones, which run one program per SM: at B1 T8192 H32 D128 bf16 on an H200, P 8 -> 4 took
+    the forward 1.22 -> 1.10-1.13 ms and forward + backward 4.56-4.63 -> 4.47-4.49 (B1 T32768 forward 4.39 -> 4.18,
+    P 16: 4.46; P 2 at B1 T8192: 1.155 / 4.398) (v12, calls 7-8)."""
     p = 1
     while batch_heads * v_tiles * p < target_programs and p * 2 <= max(1, num_chunks // 4):
         p *= 2

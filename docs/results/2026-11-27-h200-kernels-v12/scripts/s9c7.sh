@@ -1,0 +1,4 @@
+set -uo pipefail
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/card.txt
+timeout 240 python3 .dev/t_s9c7.py 2>&1 | tee $OUT/ab.log | grep "^|\|Error\|error"
