@@ -20,6 +20,28 @@ f32 = jnp.float32
 bf16 = jnp.bfloat16
 
 
+def _check_sixteen(what: str, **arrays: jax.Array) -> None:
+    """Raise a clear error unless every array is 16-bit and the gates g1, g2 share one dtype."""
+    for name, x in arrays.items():
+        if jnp.dtype(x.dtype).itemsize != 2:
+            raise ValueError(f"the Mosaic GPU {what} needs 16-bit inputs, got {name} {x.dtype}")
+    if arrays["g1"].dtype != arrays["g2"].dtype:
+        raise ValueError(f"the Mosaic GPU {what} needs both gates in one dtype, got {arrays['g1'].dtype}, "
+                         f"{arrays['g2'].dtype}")  # fmt: skip
+
+
+def _fetch_gate(g1_ref, g2_ref, s, idx: tuple, dst, barrier) -> None:
+    """TMA copy of state s's gate tile, g_s.at[idx], into dst (s traced, 0 or 1: one copy of the two runs)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    for i, g_ref in enumerate((g1_ref, g2_ref)):
+
+        @pl.when(s == i)
+        def _(g_ref=g_ref):
+            plgpu.copy_gmem_to_smem(g_ref.at[idx], dst, barrier)
+
+
 def dv_mgpu(
     kd: jax.Array,
     dl: jax.Array,
@@ -214,11 +236,7 @@ def dqk_mgpu(
     V = v.shape[-1]
     BT, BK, BV = chunk, 64, 64
     _check("dq / dk kernel", BT, BV, K, T, P, v)
-    for name, x in (("q", q), ("k", k), ("g1", g1), ("g2", g2), ("do", do)):
-        if jnp.dtype(x.dtype).itemsize != 2:
-            raise ValueError(f"the Mosaic GPU dq / dk kernel needs 16-bit inputs, got {name} {x.dtype}")
-    if g1.dtype != g2.dtype:
-        raise ValueError(f"the Mosaic GPU dq / dk kernel needs both gates in one dtype, got {g1.dtype}, {g2.dtype}")
+    _check_sixteen("dq / dk kernel", q=q, k=k, g1=g1, g2=g2, do=do)
     N = T // BT
     NC, nv, nk = N // P, V // BV, K // BK
     acc = plgpu.Layout.WGMMA
@@ -249,14 +267,7 @@ def dqk_mgpu(
 
         cp(q_ref.at[b, ts, h, ks], q_sm, bar.at[0])
         cp(k_ref.at[b, ts, h, ks], k_sm, bar.at[1])
-
-        @pl.when(s == 0)
-        def _():
-            cp(g1_ref.at[b, ts, h, ks], g_sm, bar.at[2])
-
-        @pl.when(s == 1)
-        def _():
-            cp(g2_ref.at[b, ts, h, ks], g_sm, bar.at[2])
+        _fetch_gate(g1_ref, g2_ref, s, (b, ts, h, ks), g_sm, bar.at[2])
 
         for j in range(nv):
             cp(do_ref.at[b, ts, h, pl.ds(j * BV, BV)], do_sm.at[j], bar.at[3 + j])
@@ -409,11 +420,7 @@ def dqk_intra_mgpu(
     V = v.shape[-1]
     BT, BK, BV = chunk, 64, 64
     _check("intra-chunk dq / dk kernel", BT, BV, K, T, 1, v)
-    for name, x in (("q", q), ("k", k), ("g1", g1), ("g2", g2), ("do", do), ("v", v)):
-        if jnp.dtype(x.dtype).itemsize != 2:
-            raise ValueError(f"the Mosaic GPU intra-chunk dq / dk kernel needs 16-bit inputs, got {name} {x.dtype}")
-    if g1.dtype != g2.dtype:
-        raise ValueError(f"the Mosaic GPU dq / dk kernel needs both gates in one dtype, got {g1.dtype}, {g2.dtype}")
+    _check_sixteen("intra-chunk dq / dk kernel", q=q, k=k, g1=g1, g2=g2, do=do, v=v)
     N = T // BT
     nv, nk = V // BV, K // BK
     lim = 0.5 * thresh
@@ -432,14 +439,7 @@ def dqk_intra_mgpu(
         for j in range(nv):
             cp(do_ref.at[b, ts, h, pl.ds(j * BV, BV)], do_sm.at[j], bar.at[4 + j])
             cp(v_ref.at[b, ts, h, pl.ds(j * BV, BV)], v_sm.at[j], bar.at[4 + nv + j])
-
-        @pl.when(s == 0)
-        def _():
-            cp(g1_ref.at[b, ts, h, ks], g_sm, bar.at[2])
-
-        @pl.when(s == 1)
-        def _():
-            cp(g2_ref.at[b, ts, h, ks], g_sm, bar.at[2])
+        _fetch_gate(g1_ref, g2_ref, s, (b, ts, h, ks), g_sm, bar.at[2])
 
         cp(bl_ref.at[s, bh, c, ks], bl_sm, bar.at[3])
         cp(q_ref.at[b, ts, h, ks], q_sm, bar.at[0])
