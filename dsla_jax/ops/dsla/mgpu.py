@@ -113,6 +113,12 @@ def iota(shape: tuple[int, ...], dim: int, layout, interpret: bool) -> jax.Array
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=layout)
 
 
+def row_minus_col(n: int, layout, interpret: bool) -> jax.Array:
+    """[n, n] float32 i - j (row minus column index) in a register layout: the kernels' 0 / 1 triangles are its clips
+    (clip(1 + d, 0, 1): j <= i; clip(1 - d, 0, 1): j >= i; clip(d, 0, 1): j < i)."""
+    return (iota((n, n), 0, layout, interpret) - iota((n, n), 1, layout, interpret)).astype(f32)
+
+
 def split_halves(x: jax.Array, hi_ref, lo_ref) -> None:
     """Store float32 x into shared memory as bfloat16 halves, x = hi + lo to ~2^-16 relative (exact for
     tf32-rounded x), for bf16 WGMMAs where a float32 operand would be read transposed (tf32 WGMMA reads both

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dsla_jax.ops.dsla.mgpu import kernel_ops, launch, split_halves, swizzle_for, swizzles, zeros
+from dsla_jax.ops.dsla.mgpu import kernel_ops, launch, row_minus_col, split_halves, swizzle_for, swizzles, zeros
 from dsla_jax.ops.dsla.pallas_gpu_rec_mgpu import _check, _wait
 
 f32 = jnp.float32
@@ -230,8 +230,6 @@ def dqk_mgpu(
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    from dsla_jax.ops.dsla.mgpu import iota
-
     B, T, H, K = q.shape
     V = v.shape[-1]
     BT, BK, BV = chunk, 64, 64
@@ -280,7 +278,7 @@ def dqk_mgpu(
         fetch_states(0)
         # The 0 / 1 matrices [t, i], built while the copies fly: 1 where i >= t (the cumsum's i <= t: transposed)
         # and where i < t.
-        d = (iota((BT, BT), 0, acc, interpret) - iota((BT, BT), 1, acc, interpret)).astype(f32)
+        d = row_minus_col(BT, acc, interpret)
         tri_sm.at[0][...] = jnp.clip(1.0 - d, 0.0, 1.0).astype(bf16)
         tri_sm.at[1][...] = jnp.clip(d, 0.0, 1.0).astype(bf16)
         _wait(bar, 3, 2 * nv + 3)  # do, v, e, w, bL
@@ -414,8 +412,6 @@ def dqk_intra_mgpu(
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    from dsla_jax.ops.dsla.mgpu import iota
-
     B, T, H, K = q.shape
     V = v.shape[-1]
     BT, BK, BV = chunk, 64, 64
@@ -444,7 +440,7 @@ def dqk_intra_mgpu(
         cp(bl_ref.at[s, bh, c, ks], bl_sm, bar.at[3])
         cp(q_ref.at[b, ts, h, ks], q_sm, bar.at[0])
         cp(k_ref.at[b, ts, h, ks], k_sm, bar.at[1])
-        d = (iota((BT, BT), 0, acc, interpret) - iota((BT, BT), 1, acc, interpret)).astype(f32)  # i - j
+        d = row_minus_col(BT, acc, interpret)  # i - j
         tri_sm[...] = jnp.clip(1.0 - d, 0.0, 1.0).astype(bf16)  # [t, i]: 1 where i >= t (read transposed: cumsum)
         _wait(bar, 4, 2 * nv)
         da = mma(zeros((BT, BT), acc, interpret), [(do_sm.at[j], ("T", v_sm.at[j])) for j in range(nv)])

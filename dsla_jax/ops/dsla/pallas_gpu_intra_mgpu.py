@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dsla_jax.ops.dsla.mgpu import iota, kernel_ops, launch, split_halves, swizzles, zeros
+from dsla_jax.ops.dsla.mgpu import kernel_ops, launch, row_minus_col, split_halves, swizzles, zeros
 from dsla_jax.ops.dsla.pallas_gpu import THRESH, GpuConfig, chunk_gate_sums, fwd_intra_fixup_gpu, round_tf32
 from dsla_jax.ops.dsla.pallas_gpu_rec_mgpu import _wait
 
@@ -133,7 +133,7 @@ def fwd_intra_mgpu(
             cp(v_ref.at[b, ts, h, pl.ds(i * BV, BV)], v_sm.at[i], bar.at[VB + i])
         # The 0 / 1 lower triangle [i, t] = 1 where t <= i, built while the copies fly: the cumsum's left operand,
         # and the causal mask of the scores at the end.
-        d = (iota((BT, BT), 0, acc, interpret) - iota((BT, BT), 1, acc, interpret)).astype(f32)
+        d = row_minus_col(BT, acc, interpret)
         tri_sm[...] = jnp.clip(1.0 + d, 0.0, 1.0).astype(tri_sm.dtype)
         plgpu.commit_smem()
 
