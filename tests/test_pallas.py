@@ -287,6 +287,9 @@ def test_mosaic_recurrent_kernel_interpret(case):
         check_against_oracle(pallas_fn("gpu", chunk, dataclasses.replace(cfg, bwd_dqk_mosaic=False)), args, dtype)
         # and the intra-chunk dq / dk terms' fast path in Triton (`bwd_intra_mosaic=False`)
         check_against_oracle(pallas_fn("gpu", chunk, dataclasses.replace(cfg, bwd_intra_mosaic=False)), args, dtype)
+        # and inside the dq / dk kernel (`bwd_intra_fused`)
+        check_against_oracle(pallas_fn("gpu", chunk, dataclasses.replace(cfg, bwd_intra_fused=True)), args, dtype,
+                             skip=skip)  # fmt: skip
     # The intra kernel writing kd's bfloat16 halves and tf32-rounded qd itself, for the Mosaic and Triton kernels.
     for rec in ("mosaic", "triton"):
         cfg2 = dataclasses.replace(cfg, rec=rec, split_dtype="kd-bf16x2")
@@ -349,6 +352,18 @@ def test_mosaic_backward_kernels_match_triton_twins():
     got = (*got[:4], jnp.sum(got[4], axis=(1, 2, 3)))
     for name, t, m in zip(("dq", "dk", "dg1", "dg2", "dw"), want, got):
         assert_close(name, t, m, 2e-4)  # (dq is bfloat16 on both sides: 2.8e-5 apart; the rest ~1e-6)
+    # The intra-chunk terms' fast path inside the dq / dk kernel (`bwd_intra_fused`), the exact path's tiles from
+    # the Triton pass that writes only the flagged ones (the others left as NaN here: a read of one would show).
+    dqx, dkx = kb.intra_terms_exact_gpu(q, k, v, do, g1, g2, flags, cfg=cfg, interpret=True)
+    on = jnp.repeat(jnp.moveaxis(flags.reshape(2, K // 64, B * H, T // 64), 1, -1), 64, axis=2)[..., None] > 0
+    on = jnp.repeat(on, 64, axis=-1).reshape(dqx.shape)  # [2, B * H, T, K]: the flagged programs' tiles
+    assert_close("exact dqi on the flagged tiles", jnp.where(on, dqi, 0.0), jnp.where(on, dqx, 0.0), 1e-5)
+    dqx, dkx = (jnp.where(on, x, jnp.nan) for x in (dqx, dkx))
+    got = kbm.dqk_mgpu(w, q, k, v, do, g1, g2, hs, dl, e[:, :, :, 0], ds_end, dqx, dkx, bl, scale=scale, P=P,
+                       kv_f32=True, flags=flags, thresh=cfg.thresh, interpret=True)  # fmt: skip
+    got = (*got[:4], jnp.sum(got[4], axis=(1, 2, 3)))
+    for name, t, m in zip(("dq", "dk", "dg1", "dg2", "dw"), want, got):
+        assert_close(f"{name} (fused intra terms)", t, m, 2e-4)
 
 
 def test_segment_count_follows_the_lowering():
@@ -407,6 +422,10 @@ def test_mosaic_recurrent_kernel_lowers():
     loss = lambda *a: fn(*a)[0].astype(jnp.float32).sum()  # noqa: E731
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "dsla_bwd_dqk_intra" in text and "dsla_dqk_intra_mgpu" not in text and "dsla_dqk_mgpu" in text
+    fn = pallas_fn("gpu", 64, dataclasses.replace(cfg, bwd_intra_fused=True), interpret=False)  # terms in dq / dk
+    loss = lambda *a: fn(*a)[0].astype(jnp.float32).sum()  # noqa: E731
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "dsla_dqk_intra_mgpu" not in text and "dsla_bwd_dqk_exact" in text and "dsla_dqk_mgpu" in text
 
 
 def _kernel_primitives(fn, args) -> dict[str, set[str]]:
@@ -751,7 +770,7 @@ def test_gpu_compiled_mosaic_recurrent(split_dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("form", ["mosaic", "triton-intra", "triton"])
+@pytest.mark.parametrize("form", ["mosaic", "fused", "triton-intra", "triton"])
 def test_gpu_compiled_dqk_kernels(form):
     """The Mosaic GPU dq / dk kernel (`bwd_dqk_mosaic=True`, the default) with its intra-chunk terms' fast path on
     Mosaic GPU (`bwd_intra_mosaic`, the default) or in Triton, and the Triton dq / dk kernel, compiled, every
@@ -759,7 +778,8 @@ def test_gpu_compiled_dqk_kernels(form):
     v10 call 6)."""
     B, T, H, Hk, K, V, dtype, gates = GPU_BIG[0]
     args = make_inputs(T, B, T, H, Hk, K, V, dtype, gates)
-    cfg = GpuConfig(rec="mosaic", bwd_dqk_mosaic=form != "triton", bwd_intra_mosaic=form == "mosaic")
+    cfg = GpuConfig(rec="mosaic", bwd_dqk_mosaic=form != "triton", bwd_intra_mosaic=form in ("mosaic", "fused"),
+                    bwd_intra_fused=form == "fused")  # fmt: skip
     check_against_oracle(pallas_fn("gpu", 64, cfg, interpret=False), args, dtype)
 
 

@@ -229,7 +229,12 @@ def _gpu_bwd_split(res, do, ds_T, *, scale, cfg, P, interpret, kv_f32=False):
         from dsla_jax.ops.dsla import pallas_gpu_bwd_mgpu as kbm
 
         bl = kg.chunk_gate_sums(g1, g2, cfg.chunk)
-        if cfg.bwd_intra_mosaic:  # the fast path on Mosaic GPU, the exact one on flagged tiles in Triton
+        iflags = None
+        if cfg.bwd_intra_mosaic and cfg.bwd_intra_fused:  # the fast path inside the dq / dk kernel
+            icfg = replace(cfg, dqk_intra_block_k=64)  # the flags per its programs' 64-key tiles
+            iflags = kb.intra_flags(bl, icfg)
+            dqi, dki = kb.intra_terms_exact_gpu(q, k, v, do, g1, g2, iflags, cfg=icfg, interpret=interpret)
+        elif cfg.bwd_intra_mosaic:  # the fast path on Mosaic GPU, the exact one on flagged tiles in Triton
             dqi, dki = kbm.dqk_intra_mgpu(q, k, v, do, g1, g2, bl, thresh=cfg.thresh, chunk=cfg.chunk,
                                           interpret=interpret)  # fmt: skip
             flags = kb.intra_flags(bl, cfg)
@@ -238,7 +243,7 @@ def _gpu_bwd_split(res, do, ds_T, *, scale, cfg, P, interpret, kv_f32=False):
             dqi, dki = kb.intra_terms_gpu(q, k, v, do, g1, g2, cfg=cfg, interpret=interpret)
         dq, dk, dg1, dg2, dw = kbm.dqk_mgpu(
             w, q, k, v, do, g1, g2, hs, dl, e[:, :, :, 0], ds_end, dqi, dki, bl, scale=scale, P=P, chunk=cfg.chunk,
-            kv_f32=kv_f32, interpret=interpret,
+            kv_f32=kv_f32, flags=iflags, thresh=cfg.thresh, interpret=interpret,
         )  # fmt: skip
         out = f32 if kv_f32 else q.dtype
         dv = None if dv_mosaic else kb.dv_gpu(k, do, g1, g2, dl, e, ds_end, a, cfg=cfg, P=P, out_dtype=out,

@@ -103,6 +103,10 @@ class GpuConfig:
         bwd_intra_mosaic: with bwd_dqk_mosaic, the intra-chunk dq / dk terms' fast path runs on Mosaic GPU
             (`pallas_gpu_bwd_mgpu.dqk_intra_mgpu`), the flags for the Triton exact fix-up from XLA's gate sums. On
             an H200 at B1 T8192: the kernel 0.95 -> 0.61 ms, forward + backward 5.05 -> 4.69-4.72 ms (v12, call 2).
+        bwd_intra_fused: with bwd_intra_mosaic, the dq / dk kernel computes the intra-chunk terms' fast path
+            itself (`pallas_gpu_bwd_mgpu.dqk_mgpu` with flags) instead of reading them from `dqk_intra_mgpu`; the
+            Triton exact path writes only the flagged tiles (`pallas_gpu_bwd.intra_terms_exact_gpu`), which the
+            kernel reads where flagged.
         split_dtype: storage of the split form's decayed queries and keys: "float32" (both), "bfloat16" (both) or
             "kd-bfloat16" (keys only: they feed the states; the queries feed the outputs directly) or "kd-bf16x2"
             (keys as two bfloat16 halves, queries rounded to tf32: the Mosaic GPU kernels' operands).
@@ -222,6 +226,7 @@ class GpuConfig:
     bwd_dv_mosaic: bool = True
     bwd_dqk_mosaic: bool = True
     bwd_intra_mosaic: bool = True
+    bwd_intra_fused: bool = False
     onepass_block_k: int = 32
     onepass_block_v: int = 64
     onepass_num_warps: int = 8

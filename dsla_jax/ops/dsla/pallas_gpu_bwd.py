@@ -239,7 +239,8 @@ def _dqk_intra_kernel(q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, *refs, H, BT,
     exact=False: the fast tensor-core path only (every chunk; no data-dependent loop, so nothing of the exact path
     holds registers); it also writes a flag per program: 1 where the key tile's decay range exceeds the bound.
     exact=True: the fix-up pass, run after it with the outputs aliased: flagged programs recompute their tile on
-    the exact path and overwrite it; the others read their flag and stop.
+    the exact path and overwrite it; the others read their flag and stop (without the aliased inputs: fresh
+    outputs, written on the flagged tiles only).
     """
     sk, bh, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)  # a chunk's tiles adjacent: L2 reuse
     nk = q_ref.shape[-1] // BK
@@ -247,7 +248,7 @@ def _dqk_intra_kernel(q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, *refs, H, BT,
     b, h = lax.div(bh, H), lax.rem(bh, H)
     ts, ks = pl.ds(c * BT, BT), pl.ds(ik * BK, BK)
     if exact:
-        flag_ref, _, _, dqi_ref, dki_ref = refs  # (flags, the aliased inputs, the outputs)
+        flag_ref, *_, dqi_ref, dki_ref = refs  # (flags, the aliased inputs if any, the outputs)
     else:
         dqi_ref, dki_ref, flag_ref = refs
 
@@ -429,6 +430,23 @@ def intra_terms_fixup_gpu(q, k, v, do, g1, g2, flags, dqi, dki, *, cfg: GpuConfi
         interpret=interpret,
         name="dsla_bwd_dqk_exact",
     )(q, k, v, do, g1, g2, flags, dqi, dki)
+
+
+def intra_terms_exact_gpu(q, k, v, do, g1, g2, flags, *, cfg: GpuConfig, interpret=False):
+    """The exact path of `_dqk_intra_kernel` on the flagged (state, key tile, chunk) programs only, into fresh
+    dqi, dki [2, B * H, T, K] float32 whose other tiles are never written (garbage, not zeros): for a kernel that
+    computes the fast path itself and reads these tiles only where flagged (`pallas_gpu_bwd_mgpu.dqk_mgpu` with
+    flags). flags as `intra_flags`."""
+    B, T, H, K = q.shape
+    grid, ikw, params = _intra_setup(q, v, cfg, interpret)
+    return pl.pallas_call(
+        functools.partial(_dqk_intra_kernel, exact=True, **ikw),
+        out_shape=(jax.ShapeDtypeStruct((2, B * H, T, K), f32),) * 2,
+        grid=grid,
+        compiler_params=params,
+        interpret=interpret,
+        name="dsla_bwd_dqk_exact",
+    )(q, k, v, do, g1, g2, flags)
 
 
 def bwd_grads_gpu(

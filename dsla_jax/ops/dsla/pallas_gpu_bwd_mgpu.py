@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from dsla_jax.ops.dsla.mgpu import kernel_ops, launch, row_minus_col, split_halves, swizzle_for, swizzles, zeros
+from dsla_jax.ops.dsla.pallas_gpu import THRESH
 from dsla_jax.ops.dsla.pallas_gpu_rec_mgpu import _check, _wait
 
 f32 = jnp.float32
@@ -180,6 +181,8 @@ def dqk_mgpu(
     P: int,
     chunk: int = 64,
     kv_f32: bool = False,
+    flags: jax.Array | None = None,
+    thresh: float = THRESH,
     interpret: bool = False,
 ) -> tuple[jax.Array, ...]:
     """dq, dk, dg1, dg2 and the mix gradient's pieces of every chunk in parallel (the split backward's dq / dk
@@ -210,6 +213,13 @@ def dqk_mgpu(
     2.4-4.6 ms for the kernel, forward + backward 6.43 ms in v12 call 1; this form also sits at 255 registers, with
     no spills, 202 KB of shared memory.)
 
+    With `flags` (`GpuConfig.bwd_intra_fused`) the kernel computes the intra-chunk terms itself, by
+    `dqk_intra_mgpu`'s fast path (the same products in the same order), before its state loop, while the state
+    tiles' copies fly: their float32 round trip through global memory (0.54 GB at B1 T8192 H32 D128) and a launch go.
+    dqi, dki then hold the exact path's terms on the flagged (state, key tile, chunk) programs only
+    (`pallas_gpu_bwd.intra_terms_exact_gpu`; elsewhere never read), and a flagged program copies its tile of them
+    over its fast-path terms.
+
     The state tiles come in [64, 64] float32 pieces (H_c, Dloc, dS_end), are combined in registers, and H_c and D
     are split into bfloat16 halves for the products with do and v (bf16 WGMMAs reading them transposed). The gate
     cumsum and both triangular sums are bf16 WGMMAs with two 0 / 1 matrices built once in shared memory (the
@@ -219,9 +229,13 @@ def dqk_mgpu(
     Args:
         w: [2] float32 mix; q, k, g1, g2: [B, T, H, K] 16-bit; v, do: [B, T, H, V] 16-bit; hs, dl: [2, B * H, N, K,
             V] float32 states entering / segment-local adjoints leaving every chunk; e: [2, B * H, N, K] float32
-            decays to the segment end; ds_end: [B * H, P, 2, K, V] float32; dqi, dki: [2, B * H, T, K] float32;
-            bl: [2, B * H, N, K] float32 per-chunk gate sums (`chunk_gate_sums`).
+            decays to the segment end; ds_end: [B * H, P, 2, K, V] float32; dqi, dki: [2, B * H, T, K] float32
+            intra-chunk terms (with `flags`: valid on the flagged programs only); bl: [2, B * H, N, K] float32
+            per-chunk gate sums (`chunk_gate_sums`).
         kv_f32: dk, dg1, dg2 in float32 (grouped heads: summed per kv head by the caller).
+        flags: None (dqi, dki are every program's terms) or [2 * K / 64, B * H, N] float32 (`pallas_gpu_bwd.
+            intra_flags` at 64-key tiles): compute the intra-chunk terms in the kernel, thresh being the fast path's
+            decay range bound, and take dqi, dki's tiles where the flag is 1.
 
     Returns:
         dq [B, T, H, K] (q's dtype), dk, dg1, dg2 [B, T, H, K] (float32 with kv_f32, else k's / g's dtype) and the
@@ -242,15 +256,23 @@ def dqk_mgpu(
     ld, mma = kernel_ops(interpret)
     wv = jnp.broadcast_to(w.astype(f32)[:, None], (2, K))
     dg_dt = f32 if kv_f32 else g1.dtype
+    fused = flags is not None
+    lim = 0.5 * thresh
+    if fused and flags.shape != (2 * nk, B * H, N):
+        raise ValueError(f"flags must be [2 * K / 64, B * H, N] = {(2 * nk, B * H, N)}, got {flags.shape}")
     # Barriers, each used once: q 0, k 1, g 2, do tiles 3.., v tiles 3 + nv.., e F, w F + 1, bL F + 2, dqi / dki
-    # F + 3, F + 4, state tiles j on ST + 3 j + 0..2.
+    # F + 3, F + 4 (fused: only on flagged programs), the flags F + 5, state tiles j on ST + 3 j + 0..2.
     F = 3 + 2 * nv
-    ST = F + 5
+    ST = F + 6
+    FP = -(-2 * nk // 32) * 32  # a chunk's flags row, padded to 128 bytes (a Lane-semantics copy's multiple)
 
     def body(w_ref, q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, hs_ref, dl_ref, e_ref, de_ref, dqi_ref, dki_ref,
-             bl_ref, dq_ref, dk_ref, dg_ref, dw_ref, *scratch):  # fmt: skip
-        (q_sm, k_sm, g_sm, do_sm, v_sm, e_sm, w_sm, bl_sm, st_sm, hl_sm, tri_sm, iq_sm, vec_sm, dg_sm, dw_sm,
+             bl_ref, *refs):  # fmt: skip
+        fl_ref, refs = (refs[0], refs[1:]) if fused else (None, refs)
+        dq_ref, dk_ref, dg_ref, dw_ref, *scratch = refs
+        (q_sm, k_sm, g_sm, do_sm, v_sm, e_sm, w_sm, bl_sm, st_sm, hl_sm, tri_sm, iq_sm, vec_sm, dw_sm, *opt_sm,
          bar) = scratch  # fmt: skip
+        dg_sm = st_sm.at[2] if dg_dt == f32 else opt_sm.pop(0)  # float32 dg leaves through a free state tile
         sk, bh, c = lax.axis_index("sk"), lax.axis_index("bh"), lax.axis_index("c")
         s, ik = lax.div(sk, nk), lax.rem(sk, nk)
         b, h, p = lax.div(bh, H), lax.rem(bh, H), lax.div(c, NC)
@@ -263,6 +285,10 @@ def dqk_mgpu(
             cp(dl_ref.at[s, bh, c, ks, vs], st_sm.at[1], bar.at[ST + 3 * j + 1])
             cp(de_ref.at[bh, p, s, ks, vs], st_sm.at[2], bar.at[ST + 3 * j + 2])
 
+        def fetch_intra():  # this program's tiles of dqi, dki into iq_sm
+            cp(dqi_ref.at[s, bh, ts, ks], iq_sm.at[0], bar.at[F + 3])
+            cp(dki_ref.at[s, bh, ts, ks], iq_sm.at[1], bar.at[F + 4])
+
         cp(q_ref.at[b, ts, h, ks], q_sm, bar.at[0])
         cp(k_ref.at[b, ts, h, ks], k_sm, bar.at[1])
         _fetch_gate(g1_ref, g2_ref, s, (b, ts, h, ks), g_sm, bar.at[2])
@@ -273,8 +299,10 @@ def dqk_mgpu(
         cp(e_ref.at[s, bh, c, ks], e_sm, bar.at[F])
         cp(w_ref.at[s, ks], w_sm, bar.at[F + 1])
         cp(bl_ref.at[s, bh, c, ks], bl_sm, bar.at[F + 2])
-        cp(dqi_ref.at[s, bh, ts, ks], iq_sm.at[0], bar.at[F + 3])
-        cp(dki_ref.at[s, bh, ts, ks], iq_sm.at[1], bar.at[F + 4])
+        if fused:
+            cp(fl_ref.at[bh, c], opt_sm[-1], bar.at[F + 5])
+        else:
+            fetch_intra()
         fetch_states(0)
         # The 0 / 1 matrices [t, i], built while the copies fly: 1 where i >= t (the cumsum's i <= t: transposed)
         # and where i < t.
@@ -290,6 +318,34 @@ def dqk_mgpu(
 
         def cols(ref):  # a [BK] shared-memory vector -> [BT, BK]
             return lax.broadcast_in_dim(ld(ref, acc.reduce(0)), (BT, BK), [1])
+
+        def cumsum():  # b: the inclusive gate cumsum [BT, BK]
+            return mma(zeros((BT, BK), acc, interpret), [(("T", tri_sm.at[0]), g_sm)])
+
+        if fused:  # the intra-chunk terms by `dqk_intra_mgpu`'s fast path, into iq_sm, while the states fly
+            da_sm, fl_sm = opt_sm
+            da = mma(zeros((BT, BT), acc, interpret), [(do_sm.at[j], ("T", v_sm.at[j])) for j in range(nv)])
+            split_halves(da * jnp.clip(d, 0.0, 1.0), da_sm.at[0], da_sm.at[1])  # dA masked to j < i
+            _wait(bar, 2, 1)  # g
+            plgpu.commit_smem()  # tri_sm, da_sm are written
+            dd = jnp.minimum(jnp.maximum(cumsum() - 0.5 * cols(bl_sm), -lim), lim)
+            ef, ei = jnp.exp(dd), jnp.exp(-dd)
+            _wait(bar, 0, 2)  # q, k
+            split_halves(f(q_sm) * ef, hl_sm.at[0], hl_sm.at[1])  # (hl_sm is free until the state loop)
+            split_halves(f(k_sm) * ei, hl_sm.at[2], hl_sm.at[3])
+            plgpu.commit_smem()  # the halves are written
+            z = zeros((BT, BK), acc, interpret)
+            hi, lo = da_sm.at[0], da_sm.at[1]
+            iq_sm.at[0][...] = ef * mma(z, [(hi, hl_sm.at[2]), (hi, hl_sm.at[3]), (lo, hl_sm.at[2])])
+            iq_sm.at[1][...] = ei * mma(z, [(("T", hi), hl_sm.at[0]), (("T", hi), hl_sm.at[1]), (("T", lo),
+                                                                                               hl_sm.at[0])])
+            plgpu.commit_smem()  # also a warpgroup barrier: a flagged program's copies overwrite iq_sm next
+            _wait(bar, F + 5, 1)
+
+            @pl.when(fl_sm[sk] > 0.5)
+            def _():  # the exact path's terms for this tile
+                fetch_intra()
+                _wait(bar, F + 3, 2)
 
         dqh = vds = zeros((BT, BK), acc, interpret)
         hsum = None
@@ -308,10 +364,12 @@ def dqk_mgpu(
             dqh = mma(dqh, [(do_sm.at[j], ("T", hl_sm.at[0])), (do_sm.at[j], ("T", hl_sm.at[1]))])
             vds = mma(vds, [(v_sm.at[j], ("T", hl_sm.at[2])), (v_sm.at[j], ("T", hl_sm.at[3]))])
         vec_sm[...] = hsum * jnp.exp(ld(bl_sm, acc.reduce(1)))  # the boundary term, per key channel: as columns
-        _wait(bar, 2, 1)
-        bg = mma(zeros((BT, BK), acc, interpret), [(("T", tri_sm.at[0]), g_sm)])  # inclusive cumsum
-        _wait(bar, 0, 2)  # q, k
-        _wait(bar, F + 3, 2)  # dqi, dki
+        if not fused:  # (fused: these have arrived)
+            _wait(bar, 2, 1)
+        bg = cumsum()
+        if not fused:
+            _wait(bar, 0, 2)  # q, k
+            _wait(bar, F + 3, 2)  # dqi, dki
         plgpu.commit_smem()  # vec_sm is written
         ws = cols(w_sm)
         x = vds * jnp.exp(jnp.minimum(cols(bl_sm) - bg, 0.0))  # dk_s's state term
@@ -364,12 +422,21 @@ def dqk_mgpu(
             plgpu.SMEM((2, BT, BT), bf16, transforms=sw16),  # the 0 / 1 matrices
             plgpu.SMEM((2, BT, BK), f32, transforms=sw32),  # dqi_s, dki_s
             plgpu.SMEM((BK,), f32),  # sum_V H_c * D
-            plgpu.SMEM((BT, BK), dg_dt, transforms=swizzle_for(dg_dt)),
             plgpu.SMEM((BT,), f32),  # dw
+            *([] if dg_dt == f32 else [plgpu.SMEM((BT, BK), dg_dt, transforms=swizzle_for(dg_dt))]),  # dg
+            *(
+                [plgpu.SMEM((2, BT, BT), bf16, transforms=sw16), plgpu.SMEM((FP,), f32)]  # dA halves, flags
+                if fused
+                else []
+            ),
             plgpu.Barrier(num_barriers=ST + 3 * nv),
         ],
     )
-    dqp, dkp, dg, dw = kernel(wv, q, k, v, do, g1, g2, hs, dl, e, ds_end, dqi, dki, bl)
+    extra = []
+    if fused:  # [B * H, N, FP]: a chunk's flags in one row, read by each of its programs
+        fl = jnp.moveaxis(flags.astype(f32), 0, -1)
+        extra = [jnp.pad(fl, ((0, 0), (0, 0), (0, FP - 2 * nk)))]
+    dqp, dkp, dg, dw = kernel(wv, q, k, v, do, g1, g2, hs, dl, e, ds_end, dqi, dki, bl, *extra)
     dk_dt = f32 if kv_f32 else k.dtype
     return (dqp[0] + dqp[1]).astype(q.dtype), (dkp[0] + dkp[1]).astype(dk_dt), dg[0], dg[1], dw
 
