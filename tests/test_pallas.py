@@ -287,8 +287,8 @@ def test_mosaic_recurrent_kernel_interpret(case):
         check_against_oracle(pallas_fn("gpu", chunk, dataclasses.replace(cfg, bwd_dqk_mosaic=False)), args, dtype)
         # and the intra-chunk dq / dk terms' fast path in Triton (`bwd_intra_mosaic=False`)
         check_against_oracle(pallas_fn("gpu", chunk, dataclasses.replace(cfg, bwd_intra_mosaic=False)), args, dtype)
-        # and inside the dq / dk kernel (`bwd_intra_fused`)
-        check_against_oracle(pallas_fn("gpu", chunk, dataclasses.replace(cfg, bwd_intra_fused=True)), args, dtype,
+        # and in their own Mosaic kernel rather than inside the dq / dk kernel (`bwd_intra_fused=False`)
+        check_against_oracle(pallas_fn("gpu", chunk, dataclasses.replace(cfg, bwd_intra_fused=False)), args, dtype,
                              skip=skip)  # fmt: skip
     # The intra kernel writing kd's bfloat16 halves and tf32-rounded qd itself, for the Mosaic and Triton kernels.
     for rec in ("mosaic", "triton"):
@@ -406,13 +406,13 @@ def test_mosaic_recurrent_kernel_lowers():
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 2
     # Under differentiation the backward's state and adjoint passes and its dv kernel are Mosaic kernels too
-    # (`bwd_states_mosaic`, `bwd_adjoints_mosaic`, `bwd_dv_mosaic`, `bwd_dqk_mosaic`, `bwd_intra_mosaic`); the
-    # intra-chunk dq / dk terms' exact path stays Triton's.
+    # (`bwd_states_mosaic`, `bwd_adjoints_mosaic`, `bwd_dv_mosaic`, `bwd_dqk_mosaic`, `bwd_intra_mosaic`, the terms
+    # computed inside the dq / dk kernel: `bwd_intra_fused`); the intra-chunk dq / dk terms' exact path stays Triton's.
     loss = lambda *a: fn(*a)[0].astype(jnp.float32).sum()  # noqa: E731
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     for name in ("dsla_chunk_states_mgpu", "dsla_chunk_adjoints_mgpu", "dsla_dv_mgpu", "dsla_dqk_mgpu"):
         assert name in text, name
-    assert "dsla_dqk_intra_mgpu" in text and "dsla_bwd_dqk_exact" in text
+    assert "dsla_dqk_intra_mgpu" not in text and "dsla_bwd_dqk_exact" in text  # the terms inside dq / dk
     assert "dsla_bwd_dqk_intra" not in text and not re.search(r"dsla_bwd_dqk\b", text)
     fn = pallas_fn("gpu", 64, dataclasses.replace(cfg, bwd_dqk_mosaic=False), interpret=False)  # Triton's dq / dk
     loss = lambda *a: fn(*a)[0].astype(jnp.float32).sum()  # noqa: E731
@@ -422,10 +422,10 @@ def test_mosaic_recurrent_kernel_lowers():
     loss = lambda *a: fn(*a)[0].astype(jnp.float32).sum()  # noqa: E731
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "dsla_bwd_dqk_intra" in text and "dsla_dqk_intra_mgpu" not in text and "dsla_dqk_mgpu" in text
-    fn = pallas_fn("gpu", 64, dataclasses.replace(cfg, bwd_intra_fused=True), interpret=False)  # terms in dq / dk
+    fn = pallas_fn("gpu", 64, dataclasses.replace(cfg, bwd_intra_fused=False), interpret=False)  # own kernel
     loss = lambda *a: fn(*a)[0].astype(jnp.float32).sum()  # noqa: E731
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "dsla_dqk_intra_mgpu" not in text and "dsla_bwd_dqk_exact" in text and "dsla_dqk_mgpu" in text
+    assert "dsla_dqk_intra_mgpu" in text and "dsla_bwd_dqk_exact" in text and "dsla_dqk_mgpu" in text
 
 
 def _kernel_primitives(fn, args) -> dict[str, set[str]]:
@@ -772,10 +772,10 @@ def test_gpu_compiled_mosaic_recurrent(split_dtype):
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.parametrize("form", ["mosaic", "fused", "triton-intra", "triton"])
 def test_gpu_compiled_dqk_kernels(form):
-    """The Mosaic GPU dq / dk kernel (`bwd_dqk_mosaic=True`, the default) with its intra-chunk terms' fast path on
-    Mosaic GPU (`bwd_intra_mosaic`, the default) or in Triton, and the Triton dq / dk kernel, compiled, every
-    gradient, gates uniform in [-50, 0] in one state (where an earlier Mosaic form's dg1 missed the bar: 6.1e-3,
-    v10 call 6)."""
+    """The Mosaic GPU dq / dk kernel (`bwd_dqk_mosaic=True`, the default) with its intra-chunk terms' fast path
+    computed inside it (`bwd_intra_fused`, the default), in their own Mosaic GPU kernel (`bwd_intra_mosaic`) or in
+    Triton, and the Triton dq / dk kernel, compiled, every gradient, gates uniform in [-50, 0] in one state (where
+    an earlier Mosaic form's dg1 missed the bar: 6.1e-3, v10 call 6)."""
     B, T, H, Hk, K, V, dtype, gates = GPU_BIG[0]
     args = make_inputs(T, B, T, H, Hk, K, V, dtype, gates)
     cfg = GpuConfig(rec="mosaic", bwd_dqk_mosaic=form != "triton", bwd_intra_mosaic=form in ("mosaic", "fused"),
