@@ -337,8 +337,9 @@ def dqk_mgpu(
             z = zeros((BT, BK), acc, interpret)
             hi, lo = da_sm.at[0], da_sm.at[1]
             iq_sm.at[0][...] = ef * mma(z, [(hi, hl_sm.at[2]), (hi, hl_sm.at[3]), (lo, hl_sm.at[2])])
-            iq_sm.at[1][...] = ei * mma(z, [(("T", hi), hl_sm.at[0]), (("T", hi), hl_sm.at[1]), (("T", lo),
-                                                                                               hl_sm.at[0])])
+            iq_sm.at[1][...] = ei * mma(
+                z, [(("T", hi), hl_sm.at[0]), (("T", hi), hl_sm.at[1]), (("T", lo), hl_sm.at[0])]
+            )
             plgpu.commit_smem()  # also a warpgroup barrier: a flagged program's copies overwrite iq_sm next
             _wait(bar, F + 5, 1)
 
