@@ -220,14 +220,15 @@ def _torch_decode(fused_recurrent_gla, B=64):
         record(impl=name, B=B, T=1, pass_="decode", error=f"{type(e).__name__}: {str(e)[:300]}")
 
 
-def torch_rows(shapes, fla: bool, fla_bwd: bool, deadline: float):
+def torch_setup(fla: bool):
+    """(torch usable on a CUDA device, FLA's (chunk_gla, fused_recurrent_gla) or None): what the torch rows need."""
     try:
         import torch
     except ImportError as e:
         log("torch not importable:", e)
-        return
+        return False, None
     if not torch.cuda.is_available():
-        return
+        return False, None
     fla_ops = None
     if fla:
         try:
@@ -236,10 +237,7 @@ def torch_rows(shapes, fla: bool, fla_bwd: bool, deadline: float):
             fla_ops = (chunk_gla, fused_recurrent_gla)
         except Exception as e:
             log("FLA not importable:", type(e).__name__, e)
-    if fla_ops is not None:
-        _torch_decode(fla_ops[1])
-    for B, T in shapes:
-        _torch_shape(B, T, fla_ops, fla_bwd and (B, T) == (1, 8192) and time.time() < deadline)
+    return True, fla_ops
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -656,6 +654,9 @@ def config_from_sweep(path: str):
 
 
 def run_table(shapes, interpret: bool, fla: bool, fla_bwd: bool, xla: bool, config=None, deadline=float("inf")):
+    """Every row of the table, shape by shape: the JAX rows, then FLA's and torch's at the same shape (a run cut
+    short keeps the baselines of the shapes it finished), then the decode rows."""
+    use_torch, fla_ops = torch_setup(fla) if not interpret else (False, None)
     for B, T in shapes:
         log(f"== B{B} T{T}")
         args = make_inputs(B, T, h=H if not interpret else 2)
@@ -690,9 +691,11 @@ def run_table(shapes, interpret: bool, fla: bool, fla_bwd: bool, xla: bool, conf
                 except Exception as e:
                     record(impl=f"jax softmax attention ({impl})", B=B, T=T, pass_="fwd", error=str(e)[:200])
         del args, ref
+        if use_torch:
+            _torch_shape(B, T, fla_ops, fla_bwd and (B, T) == (1, 8192) and time.time() < deadline)
     decode_rows(B=64 if not interpret else 2, interpret=interpret)
-    if not interpret:
-        torch_rows(shapes, fla, fla_bwd, deadline)
+    if fla_ops is not None:
+        _torch_decode(fla_ops[1])
 
 
 def print_table():
