@@ -1,10 +1,11 @@
 """Mosaic GPU kernels for the DSLA split backward's gradients, every chunk in parallel (`GpuConfig.bwd_dv_mosaic`,
 `bwd_dqk_mosaic`, `bwd_intra_mosaic`; used where the forward ran the Mosaic GPU kernels, `GpuConfig(rec="mosaic")`):
 `dv_mgpu` (twin `pallas_gpu_bwd._dv_kernel`), `dqk_mgpu` (twin `pallas_gpu_bwd._dqk_kernel` with grads_order
-"split") and `dqk_intra_mgpu` (twin of `pallas_gpu_bwd._dqk_intra_kernel`'s fast path). One warpgroup per program,
-TMA copies, WGMMA on bfloat16 operands: float32 tiles that a product reads transposed (tf32 WGMMA reads both operands
-K-major only) are split in the kernel into bfloat16 halves, hi + lo, exact to ~2^-16. Measured against the twins in
-`docs/benchmarks.md` (v10; dq / dk and the intra-chunk terms v12).
+"split") and `dqk_intra_mgpu` (twin of `pallas_gpu_bwd._dqk_intra_kernel`'s fast path). By default the dq / dk
+kernel computes the intra-chunk terms itself (`GpuConfig.bwd_intra_fused`, v13) and `dqk_intra_mgpu` does not run.
+One warpgroup per program, TMA copies, WGMMA on bfloat16 operands: float32 tiles that a product reads transposed
+(tf32 WGMMA reads both operands K-major only) are split in the kernel into bfloat16 halves, hi + lo, exact to
+~2^-16. Measured against the twins in `docs/benchmarks.md` (v10; dq / dk and the intra-chunk terms v12, v13).
 """
 
 from __future__ import annotations
