@@ -270,7 +270,7 @@ def dqk_mgpu(
     def body(w_ref, q_ref, k_ref, v_ref, do_ref, g1_ref, g2_ref, hs_ref, dl_ref, e_ref, de_ref, dqi_ref, dki_ref,
              bl_ref, *refs):  # fmt: skip
         fl_ref, refs = (refs[0], refs[1:]) if fused else (None, refs)
-        dq_ref, dk_ref, dg_ref, dw_ref, *scratch = refs
+        dq_ref, dk_ref, dg1_ref, dg2_ref, dw_ref, *scratch = refs
         (q_sm, k_sm, g_sm, do_sm, v_sm, e_sm, w_sm, bl_sm, st_sm, hl_sm, tri_sm, iq_sm, vec_sm, dw_sm, *opt_sm,
          bar) = scratch  # fmt: skip
         dg_sm = st_sm.at[2] if dg_dt == f32 else opt_sm.pop(0)  # float32 dg leaves through a free state tile
@@ -394,7 +394,12 @@ def dqk_mgpu(
         dg = mma(cols(vec_sm), [(up, hl_sm.at[0]), (up, hl_sm.at[1]), (lo, hl_sm.at[2]), (lo, hl_sm.at[3])])
         dg_sm[...] = dg.astype(dg_sm.dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(dg_sm, dg_ref.at[s, b, ts, h, ks])
+        for i, dg_ref in enumerate((dg1_ref, dg2_ref)):  # one output per gate: no slices (copies) in XLA after
+
+            @pl.when(s == i)
+            def _(dg_ref=dg_ref):
+                plgpu.copy_smem_to_gmem(dg_sm, dg_ref.at[b, ts, h, ks])
+
         plgpu.wait_smem_to_gmem(0)
 
     kernel = launch(
@@ -405,7 +410,8 @@ def dqk_mgpu(
         out_type=(
             jax.ShapeDtypeStruct((2, B, T, H, K), f32),
             jax.ShapeDtypeStruct((2, B, T, H, K), f32),
-            jax.ShapeDtypeStruct((2, B, T, H, K), dg_dt),
+            jax.ShapeDtypeStruct((B, T, H, K), dg_dt),
+            jax.ShapeDtypeStruct((B, T, H, K), dg_dt),
             jax.ShapeDtypeStruct((2, B * H, N, nk * BT), f32),
         ),
         grid=(2 * nk, B * H, N),
@@ -438,9 +444,9 @@ def dqk_mgpu(
     if fused:  # [B * H, N, FP]: a chunk's flags in one row, read by each of its programs
         fl = jnp.moveaxis(flags.astype(f32), 0, -1)
         extra = [jnp.pad(fl, ((0, 0), (0, 0), (0, FP - 2 * nk)))]
-    dqp, dkp, dg, dw = kernel(wv, q, k, v, do, g1, g2, hs, dl, e, ds_end, dqi, dki, bl, *extra)
+    dqp, dkp, dg1, dg2, dw = kernel(wv, q, k, v, do, g1, g2, hs, dl, e, ds_end, dqi, dki, bl, *extra)
     dk_dt = f32 if kv_f32 else k.dtype
-    return (dqp[0] + dqp[1]).astype(q.dtype), (dkp[0] + dkp[1]).astype(dk_dt), dg[0], dg[1], dw
+    return (dqp[0] + dqp[1]).astype(q.dtype), (dkp[0] + dkp[1]).astype(dk_dt), dg1, dg2, dw
 
 
 def dqk_intra_mgpu(
