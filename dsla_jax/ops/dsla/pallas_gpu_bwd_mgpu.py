@@ -44,6 +44,56 @@ def _fetch_gate(g1_ref, g2_ref, s, idx: tuple, dst, barrier) -> None:
             plgpu.copy_gmem_to_smem(g_ref.at[idx], dst, barrier)
 
 
+def _intra_terms(
+    ld,
+    mma,
+    interpret: bool,
+    d,
+    *,
+    do_sm,
+    v_sm,
+    g_sm,
+    cum_t,
+    bl_sm,
+    q_sm,
+    k_sm,
+    da_sm,
+    qe,
+    ke,
+    out,
+    lim: float,
+    wait_gates,
+    wait_qk,
+) -> None:
+    """The intra-chunk dq / dk terms of one state and key tile by the fast path, into `out` (two [BT, BK] float32
+    refs: dqi, dki), shared by `dqk_intra_mgpu` and the fused `dqk_mgpu`: dA = do v^T (do_sm, v_sm: [nv, BT, BV],
+    arrived), masked to j < i with d = i - j (`row_minus_col`) and split into da_sm's halves; b the inclusive gate
+    cumsum (cum_t: the 0 / 1 matrix read transposed); the decayed q, k split into qe, ke (hi, lo refs); three bf16
+    WGMMAs per product. wait_gates / wait_qk wait for the gate tile and bL / q and k. Ends with the outputs
+    committed."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    acc = plgpu.Layout.WGMMA
+    BT, BK = g_sm.shape
+    da = mma(zeros((BT, BT), acc, interpret), [(do_sm.at[j], ("T", v_sm.at[j])) for j in range(do_sm.shape[0])])
+    split_halves(da * jnp.clip(d, 0.0, 1.0), da_sm.at[0], da_sm.at[1])  # dA masked to j < i
+    wait_gates()
+    plgpu.commit_smem()  # the 0 / 1 matrix and da_sm are written
+    bg = mma(zeros((BT, BK), acc, interpret), [(("T", cum_t), g_sm)])  # inclusive cumsum
+    m = 0.5 * lax.broadcast_in_dim(ld(bl_sm, acc.reduce(0)), (BT, BK), [1])
+    dd = jnp.minimum(jnp.maximum(bg - m, -lim), lim)
+    ef, ei = jnp.exp(dd), jnp.exp(-dd)
+    wait_qk()
+    split_halves(ld(q_sm, acc).astype(f32) * ef, *qe)
+    split_halves(ld(k_sm, acc).astype(f32) * ei, *ke)
+    plgpu.commit_smem()  # the halves are written
+    z = zeros((BT, BK), acc, interpret)
+    hi, lo = da_sm.at[0], da_sm.at[1]
+    out[0][...] = ef * mma(z, [(hi, ke[0]), (hi, ke[1]), (lo, ke[0])])
+    out[1][...] = ei * mma(z, [(("T", hi), qe[0]), (("T", hi), qe[1]), (("T", lo), qe[0])])
+    plgpu.commit_smem()
+
+
 def dv_mgpu(
     kd: jax.Array,
     dl: jax.Array,
@@ -325,23 +375,11 @@ def dqk_mgpu(
 
         if fused:  # the intra-chunk terms by `dqk_intra_mgpu`'s fast path, into iq_sm, while the states fly
             da_sm, fl_sm = opt_sm
-            da = mma(zeros((BT, BT), acc, interpret), [(do_sm.at[j], ("T", v_sm.at[j])) for j in range(nv)])
-            split_halves(da * jnp.clip(d, 0.0, 1.0), da_sm.at[0], da_sm.at[1])  # dA masked to j < i
-            _wait(bar, 2, 1)  # g
-            plgpu.commit_smem()  # tri_sm, da_sm are written
-            dd = jnp.minimum(jnp.maximum(cumsum() - 0.5 * cols(bl_sm), -lim), lim)
-            ef, ei = jnp.exp(dd), jnp.exp(-dd)
-            _wait(bar, 0, 2)  # q, k
-            split_halves(f(q_sm) * ef, hl_sm.at[0], hl_sm.at[1])  # (hl_sm is free until the state loop)
-            split_halves(f(k_sm) * ei, hl_sm.at[2], hl_sm.at[3])
-            plgpu.commit_smem()  # the halves are written
-            z = zeros((BT, BK), acc, interpret)
-            hi, lo = da_sm.at[0], da_sm.at[1]
-            iq_sm.at[0][...] = ef * mma(z, [(hi, hl_sm.at[2]), (hi, hl_sm.at[3]), (lo, hl_sm.at[2])])
-            iq_sm.at[1][...] = ei * mma(
-                z, [(("T", hi), hl_sm.at[0]), (("T", hi), hl_sm.at[1]), (("T", lo), hl_sm.at[0])]
-            )
-            plgpu.commit_smem()  # also a warpgroup barrier: a flagged program's copies overwrite iq_sm next
+            _intra_terms(ld, mma, interpret, d, do_sm=do_sm, v_sm=v_sm, g_sm=g_sm, cum_t=tri_sm.at[0], bl_sm=bl_sm,
+                         q_sm=q_sm, k_sm=k_sm, da_sm=da_sm, qe=(hl_sm.at[0], hl_sm.at[1]),  # (free until the
+                         ke=(hl_sm.at[2], hl_sm.at[3]), out=(iq_sm.at[0], iq_sm.at[1]), lim=lim,  # state loop)
+                         wait_gates=lambda: _wait(bar, 2, 1), wait_qk=lambda: _wait(bar, 0, 2))  # fmt: skip
+            # (the last commit is also a warpgroup barrier: a flagged program's copies overwrite iq_sm next)
             _wait(bar, F + 5, 1)
 
             @pl.when(fl_sm[sk] > 0.5)
@@ -518,23 +556,10 @@ def dqk_intra_mgpu(
         d = row_minus_col(BT, acc, interpret)  # i - j
         tri_sm[...] = jnp.clip(1.0 - d, 0.0, 1.0).astype(bf16)  # [t, i]: 1 where i >= t (read transposed: cumsum)
         _wait(bar, 4, 2 * nv)
-        da = mma(zeros((BT, BT), acc, interpret), [(do_sm.at[j], ("T", v_sm.at[j])) for j in range(nv)])
-        split_halves(da * jnp.clip(d, 0.0, 1.0), da_sm.at[0], da_sm.at[1])  # dA masked to j < i
-        _wait(bar, 2, 2)  # g, bL
-        plgpu.commit_smem()  # tri_sm, da_sm are written
-        bg = mma(zeros((BT, BK), acc, interpret), [(("T", tri_sm), g_sm)])  # inclusive cumsum
-        m = 0.5 * lax.broadcast_in_dim(ld(bl_sm, acc.reduce(0)), (BT, BK), [1])
-        dd = jnp.minimum(jnp.maximum(bg - m, -lim), lim)
-        ef, ei = jnp.exp(dd), jnp.exp(-dd)
-        _wait(bar, 0, 2)  # q, k
-        split_halves(ld(q_sm, acc).astype(f32) * ef, qe_sm.at[0], qe_sm.at[1])
-        split_halves(ld(k_sm, acc).astype(f32) * ei, ke_sm.at[0], ke_sm.at[1])
-        plgpu.commit_smem()  # the halves are written
-        z = zeros((BT, BK), acc, interpret)
-        hi, lo = da_sm.at[0], da_sm.at[1]
-        out_sm.at[0][...] = ef * mma(z, [(hi, ke_sm.at[0]), (hi, ke_sm.at[1]), (lo, ke_sm.at[0])])
-        out_sm.at[1][...] = ei * mma(z, [(("T", hi), qe_sm.at[0]), (("T", hi), qe_sm.at[1]), (("T", lo), qe_sm.at[0])])
-        plgpu.commit_smem()
+        _intra_terms(ld, mma, interpret, d, do_sm=do_sm, v_sm=v_sm, g_sm=g_sm, cum_t=tri_sm, bl_sm=bl_sm, q_sm=q_sm,
+                     k_sm=k_sm, da_sm=da_sm, qe=(qe_sm.at[0], qe_sm.at[1]), ke=(ke_sm.at[0], ke_sm.at[1]),
+                     out=(out_sm.at[0], out_sm.at[1]), lim=lim, wait_gates=lambda: _wait(bar, 2, 2),  # g, bL
+                     wait_qk=lambda: _wait(bar, 0, 2))  # fmt: skip
         plgpu.copy_smem_to_gmem(out_sm.at[0], dqi_ref.at[s, bh, ts, ks])
         plgpu.copy_smem_to_gmem(out_sm.at[1], dki_ref.at[s, bh, ts, ks])
         plgpu.wait_smem_to_gmem(0)
