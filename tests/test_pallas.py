@@ -354,7 +354,7 @@ def test_mosaic_backward_kernels_match_triton_twins():
         assert_close(name, t, m, 2e-4)  # (dq is bfloat16 on both sides: 2.8e-5 apart; the rest ~1e-6)
     # The intra-chunk terms' fast path inside the dq / dk kernel (`bwd_intra_fused`), the exact path's tiles from
     # the Triton pass that writes only the flagged ones (the others left as NaN here: a read of one would show).
-    dqx, dkx = kb.intra_terms_exact_gpu(q, k, v, do, g1, g2, flags, cfg=cfg, interpret=True)
+    dqx, dkx = kb.intra_terms_fixup_gpu(q, k, v, do, g1, g2, flags, cfg=cfg, interpret=True)
     on = jnp.repeat(jnp.moveaxis(flags.reshape(2, K // 64, B * H, T // 64), 1, -1), 64, axis=2)[..., None] > 0
     on = jnp.repeat(on, 64, axis=-1).reshape(dqx.shape)  # [2, B * H, T, K]: the flagged programs' tiles
     assert_close("exact dqi on the flagged tiles", jnp.where(on, dqi, 0.0), jnp.where(on, dqx, 0.0), 1e-5)

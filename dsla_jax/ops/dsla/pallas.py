@@ -233,7 +233,7 @@ def _gpu_bwd_split(res, do, ds_T, *, scale, cfg, P, interpret, kv_f32=False):
         if cfg.bwd_intra_mosaic and cfg.bwd_intra_fused:  # the fast path inside the dq / dk kernel
             icfg = replace(cfg, dqk_intra_block_k=64)  # the flags per its programs' 64-key tiles
             iflags = kb.intra_flags(bl, icfg)
-            dqi, dki = kb.intra_terms_exact_gpu(q, k, v, do, g1, g2, iflags, cfg=icfg, interpret=interpret)
+            dqi, dki = kb.intra_terms_fixup_gpu(q, k, v, do, g1, g2, iflags, cfg=icfg, interpret=interpret)
         elif cfg.bwd_intra_mosaic:  # the fast path on Mosaic GPU, the exact one on flagged tiles in Triton
             dqi, dki = kbm.dqk_intra_mgpu(q, k, v, do, g1, g2, bl, thresh=cfg.thresh, chunk=cfg.chunk,
                                           interpret=interpret)  # fmt: skip

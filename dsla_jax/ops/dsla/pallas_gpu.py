@@ -105,9 +105,10 @@ class GpuConfig:
             an H200 at B1 T8192: the kernel 0.95 -> 0.61 ms, forward + backward 5.05 -> 4.69-4.72 ms (v12, call 2).
         bwd_intra_fused: with bwd_intra_mosaic, the dq / dk kernel computes the intra-chunk terms' fast path
             itself (`pallas_gpu_bwd_mgpu.dqk_mgpu` with flags) instead of reading them from `dqk_intra_mgpu`; the
-            Triton exact path writes only the flagged tiles (`pallas_gpu_bwd.intra_terms_exact_gpu`), which the
-            kernel reads where flagged. On an H200 at B1 T8192: forward + backward 4.46-4.51 -> 4.26-4.28 ms, the
-            same gradient errors (the dq / dk kernel 1.24 -> 1.58-1.60 ms, the 0.61 ms kernel gone) (v13, calls 1-2).
+            Triton exact path writes only the flagged tiles (`pallas_gpu_bwd.intra_terms_fixup_gpu` without prior
+            terms), which the kernel reads where flagged. On an H200 at B1 T8192: forward + backward 4.46-4.51 ->
+            4.26-4.28 ms, the same gradient errors (the dq / dk kernel 1.24 -> 1.58-1.60 ms, the 0.61 ms kernel gone)
+            (v13, calls 1-2).
         split_dtype: storage of the split form's decayed queries and keys: "float32" (both), "bfloat16" (both) or
             "kd-bfloat16" (keys only: they feed the states; the queries feed the outputs directly) or "kd-bf16x2"
             (keys as two bfloat16 halves, queries rounded to tf32: the Mosaic GPU kernels' operands).

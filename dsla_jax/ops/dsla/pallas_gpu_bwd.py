@@ -415,38 +415,24 @@ def intra_flags(bl: jax.Array, cfg: GpuConfig) -> jax.Array:
     return (jnp.moveaxis(r, -1, 1).reshape(S * (K // BKi), BH, N) > cfg.thresh).astype(f32)
 
 
-def intra_terms_fixup_gpu(q, k, v, do, g1, g2, flags, dqi, dki, *, cfg: GpuConfig, interpret=False):
-    """The exact path of `_dqk_intra_kernel` on the flagged (state, key tile, chunk) programs only, in place: dqi,
-    dki [2, B * H, T, K] float32 from a fast path (Triton's or `pallas_gpu_bwd_mgpu.dqk_intra_mgpu`), flags as
-    `intra_flags`."""
+def intra_terms_fixup_gpu(q, k, v, do, g1, g2, flags, dqi=None, dki=None, *, cfg: GpuConfig, interpret=False):
+    """The exact path of `_dqk_intra_kernel` on the flagged (state, key tile, chunk) programs only, flags as
+    `intra_flags`. With dqi, dki ([2, B * H, T, K] float32 from a fast path: Triton's or `pallas_gpu_bwd_mgpu.
+    dqk_intra_mgpu`): in place. Without: into fresh arrays whose other tiles are never written (garbage, not zeros),
+    for a kernel that computes the fast path itself and reads these tiles only where flagged
+    (`pallas_gpu_bwd_mgpu.dqk_mgpu` with flags)."""
     B, T, H, K = q.shape
     grid, ikw, params = _intra_setup(q, v, cfg, interpret)
-    return pl.pallas_call(  # the exact path where a chunk's decay range needs it, in place
+    prior = () if dqi is None else (dqi, dki)
+    return pl.pallas_call(  # the exact path where a chunk's decay range needs it
         functools.partial(_dqk_intra_kernel, exact=True, **ikw),
         out_shape=(jax.ShapeDtypeStruct((2, B * H, T, K), f32),) * 2,
         grid=grid,
-        input_output_aliases={7: 0, 8: 1},
+        input_output_aliases={7: 0, 8: 1} if prior else {},
         compiler_params=params,
         interpret=interpret,
         name="dsla_bwd_dqk_exact",
-    )(q, k, v, do, g1, g2, flags, dqi, dki)
-
-
-def intra_terms_exact_gpu(q, k, v, do, g1, g2, flags, *, cfg: GpuConfig, interpret=False):
-    """The exact path of `_dqk_intra_kernel` on the flagged (state, key tile, chunk) programs only, into fresh
-    dqi, dki [2, B * H, T, K] float32 whose other tiles are never written (garbage, not zeros): for a kernel that
-    computes the fast path itself and reads these tiles only where flagged (`pallas_gpu_bwd_mgpu.dqk_mgpu` with
-    flags). flags as `intra_flags`."""
-    B, T, H, K = q.shape
-    grid, ikw, params = _intra_setup(q, v, cfg, interpret)
-    return pl.pallas_call(
-        functools.partial(_dqk_intra_kernel, exact=True, **ikw),
-        out_shape=(jax.ShapeDtypeStruct((2, B * H, T, K), f32),) * 2,
-        grid=grid,
-        compiler_params=params,
-        interpret=interpret,
-        name="dsla_bwd_dqk_exact",
-    )(q, k, v, do, g1, g2, flags)
+    )(q, k, v, do, g1, g2, flags, *prior)
 
 
 def bwd_grads_gpu(

@@ -268,8 +268,8 @@ def dqk_mgpu(
     `dqk_intra_mgpu`'s fast path (the same products in the same order), before its state loop, while the state
     tiles' copies fly: their float32 round trip through global memory (0.54 GB at B1 T8192 H32 D128) and a launch go.
     dqi, dki then hold the exact path's terms on the flagged (state, key tile, chunk) programs only
-    (`pallas_gpu_bwd.intra_terms_exact_gpu`; elsewhere never read), and a flagged program copies its tile of them
-    over its fast-path terms.
+    (`pallas_gpu_bwd.intra_terms_fixup_gpu` without prior terms; elsewhere never read), and a flagged program copies
+    its tile of them over its fast-path terms.
 
     The state tiles come in [64, 64] float32 pieces (H_c, Dloc, dS_end), are combined in registers, and H_c and D
     are split into bfloat16 halves for the products with do and v (bf16 WGMMAs reading them transposed). The gate
