@@ -44,6 +44,14 @@ def _fetch_gate(g1_ref, g2_ref, s, idx: tuple, dst, barrier) -> None:
             plgpu.copy_gmem_to_smem(g_ref.at[idx], dst, barrier)
 
 
+def _gate_cumsum(mma, interpret: bool, cum_t, g_sm) -> jax.Array:
+    """b = the inclusive cumsum of a gate tile over its rows, [BT, BK] float32: one bf16 WGMMA with the 0 / 1 matrix
+    cum_t read transposed (exact for bfloat16 gates)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return mma(zeros(g_sm.shape, plgpu.Layout.WGMMA, interpret), [(("T", cum_t), g_sm)])
+
+
 def _intra_terms(
     ld,
     mma,
@@ -79,7 +87,7 @@ def _intra_terms(
     split_halves(da * jnp.clip(d, 0.0, 1.0), da_sm.at[0], da_sm.at[1])  # dA masked to j < i
     wait_gates()
     plgpu.commit_smem()  # the 0 / 1 matrix and da_sm are written
-    bg = mma(zeros((BT, BK), acc, interpret), [(("T", cum_t), g_sm)])  # inclusive cumsum
+    bg = _gate_cumsum(mma, interpret, cum_t, g_sm)
     m = 0.5 * lax.broadcast_in_dim(ld(bl_sm, acc.reduce(0)), (BT, BK), [1])
     dd = jnp.minimum(jnp.maximum(bg - m, -lim), lim)
     ef, ei = jnp.exp(dd), jnp.exp(-dd)
@@ -370,9 +378,6 @@ def dqk_mgpu(
         def cols(ref):  # a [BK] shared-memory vector -> [BT, BK]
             return lax.broadcast_in_dim(ld(ref, acc.reduce(0)), (BT, BK), [1])
 
-        def cumsum():  # b: the inclusive gate cumsum [BT, BK]
-            return mma(zeros((BT, BK), acc, interpret), [(("T", tri_sm.at[0]), g_sm)])
-
         if fused:  # the intra-chunk terms by `dqk_intra_mgpu`'s fast path, into iq_sm, while the states fly
             da_sm, fl_sm = opt_sm
             _intra_terms(ld, mma, interpret, d, do_sm=do_sm, v_sm=v_sm, g_sm=g_sm, cum_t=tri_sm.at[0], bl_sm=bl_sm,
@@ -406,7 +411,9 @@ def dqk_mgpu(
         vec_sm[...] = hsum * jnp.exp(ld(bl_sm, acc.reduce(1)))  # the boundary term, per key channel: as columns
         if not fused:  # (fused: these have arrived)
             _wait(bar, 2, 1)
-        bg = cumsum()
+        # (fused: the intra terms took this cumsum too; it is recomputed here, one WGMMA, rather than held live
+        # across the state loop in 32 more registers of a kernel at 255: a choice, not measured apart)
+        bg = _gate_cumsum(mma, interpret, tri_sm.at[0], g_sm)
         if not fused:
             _wait(bar, 0, 2)  # q, k
             _wait(bar, F + 3, 2)  # dqi, dki
