@@ -26,6 +26,7 @@ from dataclasses import replace
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from dsla_jax.ops.utils import check_gla_shapes, check_mix, pad_time, resolve_scale
 
@@ -118,6 +119,40 @@ def _gpu_fwd_split_mosaic(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret, k
     return o.astype(q.dtype), jnp.swapaxes(s_T[:, P - 1], -1, -2), s_in, saved
 
 
+def _gpu_fwd_fused_mosaic(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret):
+    """The forward that is not differentiated on Mosaic GPU (`GpuConfig.fwd_fused_mosaic`): the fused kernel's
+    segment pass, the segments chained in XLA, then the fused kernel (`pallas_gpu_fused_mgpu`), which writes only o.
+    Its intra-chunk factors are exact only within the decay bound, so where any chunk's decay range exceeds
+    `cfg.thresh` the split forward (with its exact fix-up) runs instead, chosen on the device by `lax.cond`.
+    Returns (o, s_T, None, None): no residuals."""
+    from dsla_jax.ops.dsla import pallas_gpu_fused_mgpu as kf
+    from dsla_jax.ops.dsla.pallas_gpu import chunk_gate_sums
+    from dsla_jax.ops.dsla.pallas_gpu_intra_mgpu import chunk_flags
+
+    BH, K = h0.shape[0], h0.shape[-2]
+    bl = chunk_gate_sums(g1, g2, cfg.chunk)
+
+    def fused(_):
+        if P > 1:
+            s_loc = kf.join_states(kf.seg_states_fused_mgpu(k, v, g1, g2, bl, P=P, count=P - 1, interpret=interpret))
+            dec = jnp.exp(jnp.sum(bl.reshape(2, BH, P, -1, K)[:, :, : P - 1], axis=3))  # [2, BH, P - 1, K]
+            s_in = _chain(h0, jnp.swapaxes(s_loc, -1, -2), jnp.moveaxis(dec, 0, 2))
+        else:
+            s_in = h0.reshape(BH, 1, *h0.shape[1:])
+        halves = kf.split_states(jnp.swapaxes(s_in, -1, -2))
+        o, s_out = kf.fwd_fused_mgpu(q, k, v, g1, g2, w, bl, halves, scale=scale, P=P, interpret=interpret)
+        return o.astype(q.dtype), jnp.swapaxes(kf.join_states(s_out[:, P - 1]), -1, -2)
+
+    def split(_):
+        o, s_T, _, _ = _gpu_fwd_split_mosaic(
+            q, k, v, g1, g2, w, h0, scale=scale, cfg=cfg, P=P, interpret=interpret, keep=False
+        )
+        return o, s_T
+
+    o, s_T = lax.cond(jnp.any(chunk_flags(bl, cfg.thresh) > 0), split, fused, None)
+    return o, s_T, None, None
+
+
 def _gpu_fwd(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret, for_grad=False):
     """Forward on the padded, head-expanded problem. h0: [B * H, 2, K, V]. Returns (o, s_T, s_in, saved): saved is
     None, or (A, hs) for the split backward when for_grad: A the mixed intra-chunk scores its dv kernel reads, hs
@@ -138,6 +173,11 @@ def _gpu_fwd(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret, for_grad=False
         raise ValueError(
             "GpuConfig(rec='mosaic') needs the split forward (fwd='split') with split_dtype 'float32' or 'kd-bf16x2'"
         )
+    if cfg.fwd == "split" and cfg.rec == "mosaic" and not for_grad and cfg.fwd_fused_mosaic:
+        from dsla_jax.ops.dsla.pallas_gpu_fused_mgpu import fused_problem
+
+        if fused_problem(q, k, v, g1, g2, cfg.chunk) is None:
+            return _gpu_fwd_fused_mosaic(q, k, v, g1, g2, w, h0, scale=scale, cfg=cfg, P=P, interpret=interpret)
     if cfg.fwd == "split" and cfg.rec == "mosaic":
         return _gpu_fwd_split_mosaic(q, k, v, g1, g2, w, h0, scale=scale, cfg=cfg, P=P, interpret=interpret, keep=keep)
     if cfg.fwd == "split":

@@ -166,6 +166,11 @@ class GpuConfig:
             (flagged in XLA); elsewhere the Triton kernel runs. On an H200 at B1 T8192: the kernel 0.57 -> 0.51 ms,
             forward 1.28-1.30 -> 1.15-1.22 ms (error against XLA 1.0e-3 -> 7.1e-4), forward + backward 4.66 -> 4.56
             ms (v12, call 3).
+        fwd_fused_mosaic: with rec "mosaic" and bfloat16 inputs (chunk 64, key dim 64 or 128, value dim a multiple
+            of 64), the forward that is not differentiated runs as one fused Mosaic GPU kernel and its segment pass
+            (`pallas_gpu_fused_mgpu`: q, k, v, g1, g2 read in bfloat16, only o written), or the split forward where
+            a chunk's decay range exceeds thresh (`lax.cond` on the device). Under differentiation the split forward
+            runs either way (its decayed q / k and scores are the backward's residuals).
         save_states: under differentiation, the split forward's recurrent kernel stores the state entering every
             chunk (float32, 8 K V bytes per chunk and head: 0.54 GB at B1 T8192 H32 D128, 16x the other
             residuals) and the split backward reads them instead of recomputing them in its state pass. Off by
@@ -216,6 +221,7 @@ class GpuConfig:
     fwd_fixup: bool = True
     exact_block_k: int | None = 64
     intra_mosaic: bool = True
+    fwd_fused_mosaic: bool = True
     cumsum: str = "scan"
     split_dtype: str = "float32"
     intra_num_warps: int = 4
