@@ -17,12 +17,20 @@ from jax import lax
 f32 = jnp.float32
 
 
+# Fast exponentials in every Mosaic GPU kernel here: exp(x) as ex2.approx(x log2 e) (relative error ~2^-22, far
+# below the tf32 / bf16 roundings around it) instead of the precise libdevice sequence. Read when a kernel is
+# traced: benchmarks flip it to compare.
+APPROX_MATH = True
+
+
 def lane_semantics(**params):
     """Mosaic GPU compiler parameters with per-lane (`Lane`) lowering semantics: JAX 0.10's default, and what the
     kernels here are written and checked for (JAX 0.11 defaults to `Warpgroup`, whose lowering rejects the
-    recurrent kernel's `run_state` accumulators). `params`: further `plgpu.CompilerParams` fields."""
+    recurrent kernel's `run_state` accumulators), and `APPROX_MATH`. `params`: further `plgpu.CompilerParams`
+    fields."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
+    params.setdefault("approx_math", APPROX_MATH)
     return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane, **params)
 
 

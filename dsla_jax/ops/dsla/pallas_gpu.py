@@ -170,7 +170,9 @@ class GpuConfig:
             of 64), the forward that is not differentiated runs as one fused Mosaic GPU kernel and its segment pass
             (`pallas_gpu_fused_mgpu`: q, k, v, g1, g2 read in bfloat16, only o written), or the split forward where
             a chunk's decay range exceeds thresh (`lax.cond` on the device). Under differentiation the split forward
-            runs either way (its decayed q / k and scores are the backward's residuals).
+            runs either way (its decayed q / k and scores are the backward's residuals). Off by default: slower
+            than the split forward (B1 T8192 H32 D128 on an H200, both with APPROX_MATH: 1.53-1.68 ms against
+            0.98-1.00; kernel_notes item 17 has the profile).
         save_states: under differentiation, the split forward's recurrent kernel stores the state entering every
             chunk (float32, 8 K V bytes per chunk and head: 0.54 GB at B1 T8192 H32 D128, 16x the other
             residuals) and the split backward reads them instead of recomputing them in its state pass. Off by
@@ -221,7 +223,7 @@ class GpuConfig:
     fwd_fixup: bool = True
     exact_block_k: int | None = 64
     intra_mosaic: bool = True
-    fwd_fused_mosaic: bool = True
+    fwd_fused_mosaic: bool = False
     cumsum: str = "scan"
     split_dtype: str = "float32"
     intra_num_warps: int = 4

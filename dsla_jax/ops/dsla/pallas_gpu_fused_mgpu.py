@@ -1,4 +1,5 @@
-"""The fused forward on Mosaic GPU (`GpuConfig.fwd_fused_mosaic`): one kernel reads q, k, v, g1, g2 in bfloat16 and
+"""The fused forward on Mosaic GPU (`GpuConfig.fwd_fused_mosaic`, off by default: slower than the split forward,
+kernel_notes item 17): one kernel reads q, k, v, g1, g2 in bfloat16 and
 writes only o, every intra- and inter-chunk term computed in its sequential loop, and a segment pass of the same body
 without queries or outputs. For the forward that is not differentiated (prefill, inference): the split forward
 stays where the backward needs its residuals (decayed q / k, the mixed scores).
@@ -159,7 +160,9 @@ def _kernel(
             ws = ld(w_sm.at[s], acc.reduce(0))
             if outputs:
                 _wait(bar, nb + SB, 2 * nk)
-                init = tuple(ld(sth_sm.at[s, j], acc).astype(f32) + ld(stl_sm.at[s, j], acc).astype(f32) for j in range(nk))
+                init = tuple(
+                    ld(sth_sm.at[s, j], acc).astype(f32) + ld(stl_sm.at[s, j], acc).astype(f32) for j in range(nk)
+                )
             else:
                 init = tuple(zeros((BV, BK), acc, interpret) for _ in range(nk))
 
