@@ -193,7 +193,7 @@ def _kernel(
                     plgpu.commit_smem()  # kd's halves visible to the WGMMAs; bL's and q's tiles read
 
                     @pl.when(more)
-                    def _():
+                    def _(j=j):
                         fetch_bl(c + 1, j)
                         if outputs:
                             fetch_q(c + 1, j)
@@ -210,7 +210,7 @@ def _kernel(
                     states[j] = mma(states[j] * cols(jnp.exp(bl_j)), [(vt, hi_sm), (vt, lo_sm)])
 
                     @pl.when(more)
-                    def _():
+                    def _(j=j):
                         fetch_kg(c + 1, j)
 
                     if outputs:  # the halves of the state entering chunk c + 1, for its output product
