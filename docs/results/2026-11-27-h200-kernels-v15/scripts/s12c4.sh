@@ -1,0 +1,5 @@
+set -uo pipefail
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/card.txt
+git log -1 --format=%H > $OUT/commit.txt
+timeout 540 python3 -m pytest -m gpu tests/test_pallas.py tests/test_intra_mgpu.py tests/test_fused_mgpu.py -q -rf 2>&1 | tee $OUT/gpu_tests.log | tail -8
