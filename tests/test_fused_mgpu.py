@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import pytest
 from _assert_close import assert_close, rms_rel_error
 from _dsla_inputs import random_dsla_inputs
+from _lowering import lowered_op
 
 from dsla_jax.ops.dsla import pallas_gpu_fused_mgpu as kf
 from dsla_jax.ops.dsla.naive import naive_dsla
@@ -107,16 +108,10 @@ def test_fused_lowers_for_cuda(monkeypatch):
         count = mgpu_core._smem_tree_size
         monkeypatch.setattr(mgpu_core, "_smem_tree_size", lambda *a, **kw: sizes.append(count(*a, **kw)) or sizes[-1])
     B, T, H, K, V = 1, 512, 2, 128, 128
-    sd = jax.ShapeDtypeStruct
-    x, y = sd((B, T, H, K), jnp.bfloat16), sd((B, T, H, V), jnp.bfloat16)
     cfg = dataclasses.replace(CFG, num_segments=2)
 
     def lowered(config, grad=False):
-        def f(q, k, v, g1, g2, mix):
-            return dsla_attention_pallas(q, k, v, g1, g2, mix, backend="gpu", config=config)[0]
-
-        fn = jax.grad(lambda *a: jnp.sum(f(*a).astype(f32)), argnums=(0, 1, 2)) if grad else f
-        return jax.jit(fn).trace(x, x, y, x, x, sd((2,), f32)).lower(lowering_platforms=("cuda",)).as_text()
+        return lowered_op(config, B, T, H, K, V, grad)
 
     text = lowered(cfg)
     assert "dsla_fwd_fused_mgpu" in text and "dsla_seg_fused_mgpu" in text

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from _assert_close import assert_close
 from _dsla_inputs import make_gates, random_dsla_inputs
+from _lowering import lowered_op
 
 from dsla_jax.ops.dsla import pallas_gpu as kg
 from dsla_jax.ops.dsla import pallas_gpu_intra_mgpu as ki
@@ -180,11 +181,7 @@ def test_intra_mgpu_lowers_for_cuda(monkeypatch):
     cfg = GpuConfig(rec="mosaic", split_dtype="kd-bf16x2", num_segments=2, intra_mosaic=True)
 
     def lowered(config, grad=False):
-        def f(q, k, v, g1, g2, mix):
-            return dsla_attention_pallas(q, k, v, g1, g2, mix, backend="gpu", config=config)[0]
-
-        fn = jax.grad(lambda *a: jnp.sum(f(*a).astype(f32)), argnums=(0, 1, 2)) if grad else f
-        return jax.jit(fn).trace(x, x, y, x, x, sd((2,), f32)).lower(lowering_platforms=("cuda",)).as_text()
+        return lowered_op(config, B, T, H, K, V, grad)
 
     text = lowered(cfg)
     assert "dsla_fwd_intra_mgpu" in text and "dsla_fwd_exact" in text and "dsla_fwd_rec_mgpu" in text
