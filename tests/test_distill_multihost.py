@@ -76,8 +76,15 @@ def test_two_processes_equal_one(tmp_path):
     single = load_file(str(tmp_path / "single" / "final" / "dsla.safetensors"))
     multi = load_file(str(tmp_path / "multi" / "final" / "dsla.safetensors"))
     assert single.keys() == multi.keys()
-    for key in single:  # float32; the reductions over the 4 devices are grouped differently across processes
-        scale = float(np.max(np.abs(single[key]))) + 1e-12
-        assert float(np.max(np.abs(single[key] - multi[key]))) <= 2e-4 * scale, key
+    # float32 reductions over the 4 devices are grouped differently across processes, and Adam turns the tiny
+    # gradient differences into update differences of up to a fraction of lr where a gradient sits near zero
+    # (measured on a 2-core CPU host: max 2.7e-4, mean <= 9.3e-7 per tensor, with lr = 1e-2; the old bound of 2e-4 x
+    # the tensor's largest value failed there on a bias). A run that trained on other data or skipped the all-reduce
+    # moves most elements by ~lr, so both bounds below still catch it.
+    lr = 1e-2
+    for key in single:
+        diff = np.abs(single[key] - multi[key])
+        assert float(np.mean(diff)) <= 1e-3 * lr, (key, float(np.mean(diff)))
+        assert float(np.max(diff)) <= 0.1 * lr, (key, float(np.max(diff)))
     # process 0 alone writes the outputs; both processes trained
     assert (tmp_path / "multi" / "metrics.jsonl").is_file()
