@@ -127,10 +127,14 @@ def row_minus_col(n: int, layout, interpret: bool) -> jax.Array:
     return (iota((n, n), 0, layout, interpret) - iota((n, n), 1, layout, interpret)).astype(f32)
 
 
+def halves(x: jax.Array, dtype=jnp.bfloat16) -> tuple[jax.Array, jax.Array]:
+    """float32 x as 16-bit halves (hi, lo), x = hi + lo to ~2^-16 relative in bfloat16 (exact for tf32-rounded x):
+    register operands of bf16 WGMMAs, or plain arrays in XLA."""
+    hi = x.astype(dtype)
+    return hi, (x - hi.astype(f32)).astype(dtype)
+
+
 def split_halves(x: jax.Array, hi_ref, lo_ref) -> None:
-    """Store float32 x into shared memory as bfloat16 halves, x = hi + lo to ~2^-16 relative (exact for
-    tf32-rounded x), for bf16 WGMMAs where a float32 operand would be read transposed (tf32 WGMMA reads both
-    operands K-major only)."""
-    hi = x.astype(hi_ref.dtype)
-    hi_ref[...] = hi
-    lo_ref[...] = (x - hi.astype(f32)).astype(lo_ref.dtype)
+    """Store float32 x into shared memory as its `halves`, for bf16 WGMMAs where a float32 operand would be read
+    transposed (tf32 WGMMA reads both operands K-major only)."""
+    hi_ref[...], lo_ref[...] = halves(x, hi_ref.dtype)

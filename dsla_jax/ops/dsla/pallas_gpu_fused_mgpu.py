@@ -40,8 +40,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dsla_jax.ops.dsla.mgpu import kernel_ops, launch, row_minus_col, swizzles, zeros
+from dsla_jax.ops.dsla.mgpu import halves, kernel_ops, launch, row_minus_col, split_halves, swizzles, zeros
 from dsla_jax.ops.dsla.pallas_gpu import THRESH
+from dsla_jax.ops.dsla.pallas_gpu_intra_mgpu import intra_problem
 from dsla_jax.ops.dsla.pallas_gpu_rec_mgpu import _wait
 
 f32 = jnp.float32
@@ -50,23 +51,17 @@ TILE = 64  # tokens per chunk (WGMMA rows), key columns per half, value columns 
 
 
 def fused_problem(q: jax.Array, k: jax.Array, v: jax.Array, g1: jax.Array, g2: jax.Array, chunk: int) -> str | None:
-    """Why `fwd_fused_mgpu` cannot take these inputs, or None: 64-token chunks, key dim 64 or 128 (a warpgroup holds
-    a [64, K] float32 state in registers), value dim a multiple of 64, T a multiple of the chunk, bfloat16 q, k, v,
-    g1, g2."""
-    K, V, T = q.shape[-1], v.shape[-1], q.shape[1]
-    if chunk != TILE or K not in (64, 128) or V % TILE or T % chunk:
-        return f"chunk 64, K in (64, 128), V % 64 == 0, T % chunk == 0 (got chunk {chunk}, K={K}, V={V}, T={T})"
-    dtypes = {name: jnp.dtype(x.dtype).name for name, x in (("q", q), ("k", k), ("v", v), ("g1", g1), ("g2", g2))}
-    if set(dtypes.values()) != {"bfloat16"}:
-        return f"bfloat16 q, k, v, g1, g2, got {dtypes}"
-    return None
+    """Why `fwd_fused_mgpu` cannot take these inputs, or None: what the intra kernel needs (`intra_problem`: 64-token
+    chunks, dims multiples of 64, T a multiple of the chunk, bfloat16 inputs) and key dim 64 or 128 (a warpgroup holds
+    a [64, K] float32 state in registers)."""
+    if q.shape[-1] not in (64, 128):
+        return f"K in (64, 128) (got K={q.shape[-1]})"
+    return intra_problem(q, k, v, g1, g2, chunk)
 
 
 def split_states(s_t: jax.Array) -> jax.Array:
     """[..., 2, V, K] float32 states (transposed) -> [..., 2, 2, V, K] bfloat16 halves (state, hi / lo)."""
-    hi = s_t.astype(bf16)
-    lo = (s_t - hi.astype(f32)).astype(bf16)
-    return jnp.stack([hi, lo], axis=-3)
+    return jnp.stack(halves(s_t), axis=-3)
 
 
 def join_states(halves: jax.Array) -> jax.Array:
@@ -114,10 +109,6 @@ def _kernel(
 
         def cols(x):  # a [64] vector (per key channel) -> [64, 64], constant down the rows
             return lax.broadcast_in_dim(x, (BT, BK), [1])
-
-        def split(x):  # float32 registers -> bfloat16 halves
-            hi = x.astype(bf16)
-            return hi, (x - hi.astype(f32)).astype(bf16)
 
         def thread(s: int) -> None:
             g_ref = (g1_ref, g2_ref)[s]
@@ -187,9 +178,7 @@ def _kernel(
                     if outputs:
                         _wait(bar, nb + QB + j, 1)
                         qf = ld(q_sm.at[s, j], acc).astype(f32) * jnp.exp(dd)
-                    kh, kl = split(kf)
-                    hi_sm[...] = kh
-                    lo_sm[...] = kl
+                    split_halves(kf, hi_sm, lo_sm)
                     plgpu.commit_smem()  # kd's halves visible to the WGMMAs; bL's and q's tiles read
 
                     @pl.when(more)
@@ -199,9 +188,9 @@ def _kernel(
                             fetch_q(c + 1, j)
 
                     if outputs:
-                        xh, xl = split(qf * cols(ws * jnp.exp(jnp.minimum(-m, lim))))
+                        xh, xl = halves(qf * cols(ws * jnp.exp(jnp.minimum(-m, lim))))
                         a = mma(a, [(xh, ("T", hi_sm)), (xh, ("T", lo_sm)), (xl, ("T", hi_sm))])
-                        qh, ql = split(qf * cols(em * ws))
+                        qh, ql = halves(qf * cols(em * ws))
                         sh, sl = ("T", sth_sm.at[s, j]), ("T", stl_sm.at[s, j])  # S [BK, BV] entering chunk c
                         o = mma(o, [(qh, sh), (qh, sl), (ql, sh)])
                     if j == 0:
@@ -214,10 +203,10 @@ def _kernel(
                         fetch_kg(c + 1, j)
 
                     if outputs:  # the halves of the state entering chunk c + 1, for its output product
-                        sth_sm.at[s, j][...], stl_sm.at[s, j][...] = split(states[j])
+                        split_halves(states[j], sth_sm.at[s, j], stl_sm.at[s, j])
                 if outputs:
                     plgpu.commit_smem()
-                    ah, al = split(a * ld(tri_sm.at[s], acc).astype(f32))  # masked to j <= i
+                    ah, al = halves(a * ld(tri_sm.at[s], acc).astype(f32))  # masked to j <= i
                     o = mma(o, [(ah, v_sm.at[s]), (al, v_sm.at[s])])
 
                 @pl.when(more)
@@ -251,7 +240,7 @@ def _kernel(
             else:
                 hs, ls = k_sm, g_sm  # free now: stage the final state's halves
                 for j in range(nk):
-                    hs.at[s, j][...], ls.at[s, j][...] = split(final[j])
+                    split_halves(final[j], hs.at[s, j], ls.at[s, j])
             plgpu.commit_smem()
             for j in range(nk):
                 plgpu.copy_smem_to_gmem(hs.at[s, j], sout_ref.at[bh, p, s, 0, vs, ks(j)])
