@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dsla_jax.ops.dsla.mgpu import kernel_ops, launch, row_minus_col, split_halves, swizzles, zeros
+from dsla_jax.ops.dsla.mgpu import halves, kernel_ops, launch, row_minus_col, split_halves, swizzles, zeros
 from dsla_jax.ops.dsla.pallas_gpu import THRESH, GpuConfig, chunk_gate_sums, fwd_intra_fixup_gpu, round_tf32
 from dsla_jax.ops.dsla.pallas_gpu_rec_mgpu import _wait
 
@@ -165,8 +165,7 @@ def fwd_intra_mgpu(
                 plgpu.copy_smem_to_gmem(hi_sm, kd_ref.at[2 * s, bh, ts, ks])
                 plgpu.copy_smem_to_gmem(lo_sm, kd_ref.at[2 * s + 1, bh, ts, ks])
                 x = qf * cols(wsi)
-                xh = x.astype(bf16)
-                xl = (x - xh.astype(f32)).astype(bf16)
+                xh, xl = halves(x)
                 a = mma(a, [(xh, ("T", hi_sm)), (xh, ("T", lo_sm)), (xl, ("T", hi_sm))])
         a = a * ld(tri_sm, acc).astype(f32)  # masked to j <= i
         if scores:
@@ -174,8 +173,7 @@ def fwd_intra_mgpu(
             f_sm[...] = a
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(f_sm, a_ref.at[bh, ts])
-        ah = a.astype(v_sm.dtype)
-        al = (a - ah.astype(f32)).astype(v_sm.dtype)
+        ah, al = halves(a, v_sm.dtype)
         for i in range(nv):
             _wait(bar, VB + i, 1)
             o = mma(zeros((BT, BV), acc, interpret), [(ah, v_sm.at[i]), (al, v_sm.at[i])])
