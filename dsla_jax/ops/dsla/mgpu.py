@@ -138,3 +138,29 @@ def split_halves(x: jax.Array, hi_ref, lo_ref) -> None:
     """Store float32 x into shared memory as its `halves`, for bf16 WGMMAs where a float32 operand would be read
     transposed (tf32 WGMMA reads both operands K-major only)."""
     hi_ref[...], lo_ref[...] = halves(x, hi_ref.dtype)
+
+
+def load_transposed(ref, interpret: bool) -> jax.Array:
+    """The transpose of a swizzled 2-D shared-memory tile [R, C] as a [C, R] register array in the WGMMA layout (an
+    accumulator's): read through a transposed view in the WGMMA_TRANSPOSED layout, then one shuffle per register
+    pair. In the interpreter, `ref[...].T`."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if interpret:
+        return ref[...].T
+    lay = plgpu.Layout
+    x = plgpu.load(plgpu.transpose_ref(ref, (1, 0)), (), layout=lay.WGMMA_TRANSPOSED)
+    return plgpu.layout_cast(x, lay.WGMMA)
+
+
+def store_transposed(ref, x: jax.Array, interpret: bool) -> None:
+    """Store the transpose of x [C, R] (WGMMA layout) into a swizzled 2-D shared-memory tile [R, C], through the
+    WGMMA_TRANSPOSED layout (one shuffle per register pair) and a transposed view. In the interpreter, `ref[...] =
+    x.T`."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if interpret:
+        ref[...] = x.T.astype(ref.dtype)
+        return
+    x = plgpu.layout_cast(x.astype(ref.dtype), plgpu.Layout.WGMMA_TRANSPOSED)
+    plgpu.transpose_ref(ref, (1, 0))[...] = x

@@ -113,7 +113,17 @@ def _gpu_fwd_split_mosaic(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret, k
         s_in = _chain(h0, s_loc, jnp.moveaxis(dec, 0, 2))
     else:
         s_in = h0.reshape(BH, 1, *h0.shape[1:])
-    o, s_T = km.fwd_rec_mgpu(qd, kd, ebl, v, oi, jnp.swapaxes(s_in, -1, -2), P=P, **tiles)
+    from dsla_jax.ops.dsla import pallas_gpu_rec_pair_mgpu as kp
+
+    if cfg.rec_pair and kp.pair_problem(cfg.chunk, K, V, v.dtype) is None:  # both value tiles in one program
+        from dsla_jax.ops.dsla.pallas_gpu_fused_mgpu import join_states, split_states
+
+        qh = qd if qd.dtype == jnp.bfloat16 else km.split_kd(qd)
+        s_h = split_states(jnp.swapaxes(s_in, -1, -2))
+        o, s_h = kp.fwd_rec_pair_mgpu(qh, kd, ebl, v, oi, s_h, P=P, chunk=cfg.chunk, interpret=interpret)
+        s_T = join_states(s_h)
+    else:
+        o, s_T = km.fwd_rec_mgpu(qd, kd, ebl, v, oi, jnp.swapaxes(s_in, -1, -2), P=P, **tiles)
     mosaic_res = (kd if cfg.bwd_states_mosaic else None, ebl, qd if cfg.bwd_adjoints_mosaic else None)
     saved = (a[0], None, mosaic_res) if keep else None
     return o.astype(q.dtype), jnp.swapaxes(s_T[:, P - 1], -1, -2), s_in, saved
