@@ -84,6 +84,59 @@ def test_pair_kernel_interpret(K):
     assert _rel(o_twin, o_ref) <= 1.05 * rounding and _rel(s_twin, s_ref) < 2e-5
 
 
+def test_intra_kernels_write_qd_halves_interpret():
+    """split_dtype "qkd-bf16x2" (what `rec_pair` has the intra kernels write): the Mosaic intra kernel stages qd's
+    bfloat16 halves in v's tiles, the Triton fix-up writes them for the chunks past the decay bound; both against
+    the Triton intra kernel with the same storage and, summed, against the float32 qd of split_dtype "kd-bf16x2"
+    (tf32-rounded there: within 2^-11). Every other output is unchanged."""
+    import dataclasses
+
+    from test_intra_mgpu import CFG, make_case
+
+    from dsla_jax.ops.dsla import pallas_gpu as kg
+    from dsla_jax.ops.dsla import pallas_gpu_intra_mgpu as ki
+
+    T, H, K, V = 192, 2, 64, 128
+    q, k, v, g1, g2, mix = make_case(T + K, T, H, K, V, "wide")  # flagged chunks: the Triton fix-up writes them
+    scale = K**-0.5
+    qkd = dataclasses.replace(CFG, split_dtype="qkd-bf16x2")
+    got = ki.fwd_intra_mgpu_fixed(q, k, v, g1, g2, mix, scale=scale, cfg=qkd, interpret=True)
+    want = kg.fwd_intra_gpu(q, k, v, g1, g2, mix, scale=scale, cfg=qkd, interpret=True)
+    base = ki.fwd_intra_mgpu_fixed(q, k, v, g1, g2, mix, scale=scale, cfg=CFG, interpret=True)
+    assert got[0].shape == (4, H, T, K) and got[0].dtype == jnp.bfloat16
+    summed = lambda x: x[0::2].astype(f32) + x[1::2].astype(f32)  # noqa: E731
+    for name, a, b, tol in (("qd (Mosaic vs Triton)", summed(got[0]), summed(want[0]), 1e-5),
+                            ("qd vs float32", summed(got[0]), base[0], 5e-4)):  # fmt: skip
+        assert _rel(a, np.asarray(b, np.float64)) < tol, (name, _rel(a, np.asarray(b, np.float64)))
+    for i in range(1, 5):  # kd, ebl, o_intra, A: as with "kd-bf16x2"
+        np.testing.assert_array_equal(np.asarray(got[i].astype(f32)), np.asarray(base[i].astype(f32)))
+    with pytest.raises(ValueError, match="V >= 128"):
+        ki.fwd_intra_mgpu(q, k, v[..., :64], g1, g2, mix, chunk_gate_sums_(g1, g2), scale=scale, qd_halves=True,
+                          interpret=True)  # fmt: skip
+
+
+def chunk_gate_sums_(g1, g2):
+    from dsla_jax.ops.dsla.pallas_gpu import chunk_gate_sums
+
+    return chunk_gate_sums(g1, g2, 64)
+
+
+def test_adjoint_pass_reads_qd_halves_interpret():
+    """The backward's Mosaic adjoint pass fed qd's bfloat16 halves (copied straight into its operands) gives what it
+    gives fed the float32 qd it splits itself (tf32-rounded qd: the same halves)."""
+    from dsla_jax.ops.dsla.pallas_gpu import round_tf32
+
+    qd, _, ebl, v, _, _ = _inputs(T=256, K=128, V=128, P=2)
+    qd = round_tf32(qd)
+    do = v[..., ::-1]
+    a = km.chunk_adjoints_mgpu(qd, ebl, do, P=2, interpret=True)
+    b = km.chunk_adjoints_mgpu(km.split_kd(qd), ebl, do, P=2, interpret=True)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="halves"):
+        km.chunk_adjoints_mgpu(qd.astype(jnp.bfloat16), ebl, do, P=2, interpret=True)
+
+
 def test_pair_kernel_checks():
     """Clear errors for what the kernel cannot take."""
     qd, kd, ebl, v, oi, s_in = _inputs(T=128, P=1)
@@ -106,6 +159,10 @@ def test_pair_kernel_lowers_in_the_op():
 
     text = lowered_op(GpuConfig(rec="mosaic", rec_pair=True, num_segments=2), 1, 512, 2, 128, 128)
     assert "dsla_fwd_rec_pair_mgpu" in text and "dsla_fwd_rec_mgpu" not in text
+    assert "dsla_fwd_intra_mgpu" in text  # writing qd's halves itself: no XLA split of qd
+    text = lowered_op(GpuConfig(rec="mosaic", rec_pair=True, num_segments=2), 1, 512, 2, 128, 128, grad=True)
+    # (the gradient of sum(o) does not need o: the recurrent kernel is dropped; the adjoint pass reads qd's halves)
+    assert "dsla_fwd_intra_mgpu" in text and "dsla_chunk_adjoints_mgpu" in text
     text = lowered_op(GpuConfig(rec="mosaic", num_segments=2), 1, 512, 2, 128, 128)
     assert "dsla_fwd_rec_mgpu" in text and "dsla_fwd_rec_pair_mgpu" not in text
     text = lowered_op(GpuConfig(rec="mosaic", rec_pair=True, num_segments=2), 1, 512, 2, 128, 64)  # V 64: unpaired

@@ -97,15 +97,19 @@ def _gpu_fwd_split_mosaic(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret, k
 
     if keep and cfg.save_states:
         raise ValueError("GpuConfig(rec='mosaic') does not store chunk states (save_states=True)")
+    from dsla_jax.ops.dsla import pallas_gpu_rec_pair_mgpu as kp
+
+    BH, K, V = h0.shape[0], h0.shape[-2], h0.shape[-1]
+    pair = cfg.rec_pair and kp.pair_problem(cfg.chunk, K, V, v.dtype) is None  # both value tiles in one program
+    icfg = replace(cfg, split_dtype="qkd-bf16x2") if pair else cfg  # the intra kernels write qd's halves too
     intra = kg.fwd_intra_gpu
-    if cfg.intra_mosaic and cfg.split_dtype == "kd-bf16x2":  # the Mosaic intra kernel where it applies
+    if icfg.intra_mosaic and icfg.split_dtype in ("kd-bf16x2", "qkd-bf16x2"):  # the Mosaic intra kernel where it fits
         from dsla_jax.ops.dsla import pallas_gpu_intra_mgpu as ki
 
         if ki.intra_problem(q, k, v, g1, g2, cfg.chunk) is None:
             intra = ki.fwd_intra_mgpu_fixed
-    qd, kd, ebl, oi, *a = intra(q, k, v, g1, g2, w, scale=scale, cfg=cfg, interpret=interpret, scores=keep)
+    qd, kd, ebl, oi, *a = intra(q, k, v, g1, g2, w, scale=scale, cfg=icfg, interpret=interpret, scores=keep)
     kd = kd if kd.shape[0] == 4 else km.split_kd(kd)
-    BH, K, V = h0.shape[0], h0.shape[-2], h0.shape[-1]
     tiles = dict(chunk=cfg.chunk, block_v=min(cfg.block_v, V), interpret=interpret)
     if P > 1:
         s_loc = jnp.swapaxes(km.seg_states_mgpu(kd, ebl, v, P=P, count=P - 1, **tiles), -1, -2)
@@ -113,14 +117,11 @@ def _gpu_fwd_split_mosaic(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret, k
         s_in = _chain(h0, s_loc, jnp.moveaxis(dec, 0, 2))
     else:
         s_in = h0.reshape(BH, 1, *h0.shape[1:])
-    from dsla_jax.ops.dsla import pallas_gpu_rec_pair_mgpu as kp
-
-    if cfg.rec_pair and kp.pair_problem(cfg.chunk, K, V, v.dtype) is None:  # both value tiles in one program
+    if pair:
         from dsla_jax.ops.dsla.pallas_gpu_fused_mgpu import join_states, split_states
 
-        qh = qd if qd.dtype == jnp.bfloat16 else km.split_kd(qd)
         s_h = split_states(jnp.swapaxes(s_in, -1, -2))
-        o, s_h = kp.fwd_rec_pair_mgpu(qh, kd, ebl, v, oi, s_h, P=P, chunk=cfg.chunk, interpret=interpret)
+        o, s_h = kp.fwd_rec_pair_mgpu(qd, kd, ebl, v, oi, s_h, P=P, chunk=cfg.chunk, interpret=interpret)
         s_T = join_states(s_h)
     else:
         o, s_T = km.fwd_rec_mgpu(qd, kd, ebl, v, oi, jnp.swapaxes(s_in, -1, -2), P=P, **tiles)

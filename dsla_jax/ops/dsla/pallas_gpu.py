@@ -669,11 +669,14 @@ def seg_states_gpu(
 # GpuConfig.split_dtype -> storage dtypes of (qd, kd). "kd-bf16x2": kd as two bfloat16 planes per state (hi, lo:
 # [4, B H, T, K], plane 2 s + i) whose float32 sum is kd to ~2^-16, and qd rounded to tf32 (to nearest): the
 # operands of the Mosaic GPU recurrent kernel's WGMMAs (`pallas_gpu_rec_mgpu`), written by the intra kernel.
+# "qkd-bf16x2": qd as halves too, the same planes (what the paired recurrent kernel reads: `GpuConfig.rec_pair`,
+# which sets it; not meant to be set by hand).
 SPLIT_DTYPES = {
     "float32": (f32, f32),
     "bfloat16": (jnp.bfloat16, jnp.bfloat16),
     "kd-bfloat16": (f32, jnp.bfloat16),
     "kd-bf16x2": (f32, jnp.bfloat16),
+    "qkd-bf16x2": (jnp.bfloat16, jnp.bfloat16),
 }
 
 
@@ -716,8 +719,13 @@ def _intra_kernel(w_ref, q_ref, k_ref, v_ref, g1_ref, g2_ref, *refs, H, BT, BK, 
         k = k_ref[b, ts, h, ks].astype(f32)
         for s, (g_ref, w) in enumerate(((g1_ref, w1), (g2_ref, w2))):
             qd, kd, a_s, bL, trips = _fwd_terms(q, k, g_ref[b, ts, h, ks].astype(f32), nm, mode == "fast")
-            if decayed and kd_ref.shape[0] == 4:  # "kd-bf16x2"
-                qd_ref[s, bh, ts, ks] = round_tf32(qd * w)
+            if decayed and kd_ref.shape[0] == 4:  # "kd-bf16x2", "qkd-bf16x2"
+                if qd_ref.shape[0] == 4:  # "qkd-bf16x2": qd's halves too (the paired recurrent kernel's operand)
+                    qd_hi = (qd * w).astype(qd_ref.dtype)
+                    qd_ref[2 * s, bh, ts, ks] = qd_hi
+                    qd_ref[2 * s + 1, bh, ts, ks] = (qd * w - qd_hi.astype(f32)).astype(qd_ref.dtype)
+                else:
+                    qd_ref[s, bh, ts, ks] = round_tf32(qd * w)
                 kd_hi = kd.astype(kd_ref.dtype)
                 kd_ref[2 * s, bh, ts, ks] = kd_hi
                 kd_ref[2 * s + 1, bh, ts, ks] = (kd - kd_hi.astype(f32)).astype(kd_ref.dtype)
@@ -777,8 +785,8 @@ def fwd_intra_gpu(
     BK = min(cfg.intra_block_k or cfg.block_k, K)
     kw = dict(H=H, BT=BT, BK=BK, scale=scale, nm=_numerics(cfg), decayed=decayed, scores=scores)
     out_shape = (
-        jax.ShapeDtypeStruct((2, B * H, T, K), qdt),
-        jax.ShapeDtypeStruct((4 if cfg.split_dtype == "kd-bf16x2" else 2, B * H, T, K), kdt),
+        jax.ShapeDtypeStruct((4 if cfg.split_dtype == "qkd-bf16x2" else 2, B * H, T, K), qdt),
+        jax.ShapeDtypeStruct((4 if cfg.split_dtype in ("kd-bf16x2", "qkd-bf16x2") else 2, B * H, T, K), kdt),
         jax.ShapeDtypeStruct((2, B * H, N, K), f32),
         jax.ShapeDtypeStruct((B * H, T, V), f32),
         jax.ShapeDtypeStruct((B * H, T, BT), f32),

@@ -73,6 +73,7 @@ def fwd_intra_mgpu(
     chunk: int = 64,
     scores: bool = True,
     thresh: float = THRESH,
+    qd_halves: bool = False,
     interpret: bool = False,
 ) -> tuple[jax.Array, ...]:
     """The split forward's intra-chunk terms by the fast path, every chunk in parallel (twin of
@@ -84,6 +85,9 @@ def fwd_intra_mgpu(
             float32 per-chunk gate sums (`pallas_gpu.chunk_gate_sums`), N = T / chunk.
         scale: the output scale; chunk: BT (64); scores: also return A; thresh: the fast path's decay range bound
             (`GpuConfig.thresh`: the factors are clamped to exp(+-thresh / 2)).
+        qd_halves: write qd as bfloat16 halves [4, B * H, T, K] (planes 2 s, 2 s + 1; split_dtype "qkd-bf16x2", the
+            paired recurrent kernel's operand) instead of tf32-rounded float32. They are staged in v's tiles, so v is
+            copied in after the key loop; needs V >= 128 (two value tiles).
 
     Returns:
         qd [2, B * H, T, K] float32 = round_tf32(scale w_s q exp(b_s)), kd [4, B * H, T, K] bfloat16 (hi, lo halves
@@ -101,6 +105,8 @@ def fwd_intra_mgpu(
         raise ValueError(f"the Mosaic GPU intra kernel needs {problem}")
     BT = BK = BV = TILE
     N, nk, nv = T // BT, K // BK, V // BV
+    if qd_halves and nv < 2:
+        raise ValueError(f"the Mosaic GPU intra kernel stages qd's halves in two value tiles: V >= 128, got V={V}")
     lim = 0.5 * thresh
     acc = plgpu.Layout.WGMMA
     sw32, sw16 = swizzles()
@@ -129,8 +135,13 @@ def fwd_intra_mgpu(
             cp(k_ref.at[b, ts, h, ks], k_sm.at[j], bar.at[QK + 2 * j + 1])
             for s, g_ref in enumerate((g1_ref, g2_ref)):
                 cp(g_ref.at[b, ts, h, ks], g_sm.at[s, j], bar.at[GB + 2 * j + s])
-        for i in range(nv):
-            cp(v_ref.at[b, ts, h, pl.ds(i * BV, BV)], v_sm.at[i], bar.at[VB + i])
+
+        def fetch_v():
+            for i in range(nv):
+                cp(v_ref.at[b, ts, h, pl.ds(i * BV, BV)], v_sm.at[i], bar.at[VB + i])
+
+        if not qd_halves:  # else v's tiles stage qd's halves first
+            fetch_v()
         # The 0 / 1 lower triangle [i, t] = 1 where t <= i, built while the copies fly: the cumsum's left operand,
         # and the causal mask of the scores at the end.
         d = row_minus_col(BT, acc, interpret)
@@ -157,16 +168,26 @@ def fwd_intra_mgpu(
                 qf = qj.astype(f32) * jnp.exp(dd)
                 kf = kj.astype(f32) * jnp.exp(-dd)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # f_sm has left; also a warpgroup barrier: q_sm,
-                f_sm[...] = round_tf32(qf * cols(em) * cols(ws))  # k_sm of this half are read (kd_lo goes there)
+                if qd_halves:  # k_sm of this half are read (kd_lo goes there)
+                    split_halves(qf * cols(em) * cols(ws), v_sm.at[0], v_sm.at[1])
+                else:
+                    f_sm[...] = round_tf32(qf * cols(em) * cols(ws))
                 hi_sm, lo_sm = g_sm.at[s, j], (k_sm, q_sm)[s].at[j]
                 split_halves(kf * cols(em), hi_sm, lo_sm)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(f_sm, qd_ref.at[s, bh, ts, ks])
+                if qd_halves:
+                    plgpu.copy_smem_to_gmem(v_sm.at[0], qd_ref.at[2 * s, bh, ts, ks])
+                    plgpu.copy_smem_to_gmem(v_sm.at[1], qd_ref.at[2 * s + 1, bh, ts, ks])
+                else:
+                    plgpu.copy_smem_to_gmem(f_sm, qd_ref.at[s, bh, ts, ks])
                 plgpu.copy_smem_to_gmem(hi_sm, kd_ref.at[2 * s, bh, ts, ks])
                 plgpu.copy_smem_to_gmem(lo_sm, kd_ref.at[2 * s + 1, bh, ts, ks])
                 x = qf * cols(wsi)
                 xh, xl = halves(x)
                 a = mma(a, [(xh, ("T", hi_sm)), (xh, ("T", lo_sm)), (xl, ("T", hi_sm))])
+        if qd_halves:  # the last halves have left v's tiles
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            fetch_v()
         a = a * ld(tri_sm, acc).astype(f32)  # masked to j <= i
         if scores:
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -184,7 +205,7 @@ def fwd_intra_mgpu(
         plgpu.wait_smem_to_gmem(0)
 
     out_type = (
-        jax.ShapeDtypeStruct((2, B * H, T, K), f32),
+        jax.ShapeDtypeStruct((4, B * H, T, K), bf16) if qd_halves else jax.ShapeDtypeStruct((2, B * H, T, K), f32),
         jax.ShapeDtypeStruct((4, B * H, T, K), bf16),
         jax.ShapeDtypeStruct((B * H, T, V), f32),
     )
@@ -241,12 +262,15 @@ def fwd_intra_mgpu_fixed(
         q, k, g1, g2: [B, T, H, K] bfloat16; v: [B, T, H, V] bfloat16; w: [2] float32 mix; cfg: `GpuConfig` (its
             chunk, thresh and the fix-up's tiles).
     """
-    if cfg.split_dtype != "kd-bf16x2":
-        raise ValueError(f"the Mosaic GPU intra kernel writes split_dtype 'kd-bf16x2', got {cfg.split_dtype!r}")
+    if cfg.split_dtype not in ("kd-bf16x2", "qkd-bf16x2"):
+        raise ValueError(
+            f"the Mosaic GPU intra kernel writes split_dtype 'kd-bf16x2' or 'qkd-bf16x2', got {cfg.split_dtype!r}"
+        )
     bl = chunk_gate_sums(g1, g2, cfg.chunk)
     outs = fwd_intra_mgpu(
-        q, k, v, g1, g2, w, bl, scale=scale, chunk=cfg.chunk, scores=scores, thresh=cfg.thresh, interpret=interpret
-    )
+        q, k, v, g1, g2, w, bl, scale=scale, chunk=cfg.chunk, scores=scores, thresh=cfg.thresh,
+        qd_halves=cfg.split_dtype == "qkd-bf16x2", interpret=interpret,
+    )  # fmt: skip
     flags = chunk_flags(bl, cfg.thresh)
     return fwd_intra_fixup_gpu(
         q, k, v, g1, g2, w, flags, outs, scale=scale, cfg=cfg, interpret=interpret, scores=scores

@@ -430,7 +430,9 @@ def chunk_adjoints_mgpu(
     relative otherwise) for two bf16 WGMMAs. Each chunk's adjoint is stored by TMA while the next update runs.
 
     Args:
-        qd: [2, B * H, T, K] float32 decayed, scaled and mixed queries (the split intra kernel's); ebl: [2, B * H,
+        qd: [2, B * H, T, K] float32 decayed, scaled and mixed queries (the split intra kernel's), or their
+            bfloat16 halves [4, B * H, T, K] (split_dtype "qkd-bf16x2": copied straight into the WGMMA operands,
+            no split in the kernel, no float32 staging); ebl: [2, B * H,
             N, K] float32 chunk decays exp(bL); do: [B, T, H, V] 16-bit output cotangent.
 
     Returns:
@@ -445,22 +447,31 @@ def chunk_adjoints_mgpu(
     K = qd.shape[-1]
     BT, BV = chunk, block_v
     _check("adjoint pass", BT, BV, K, T, P, do)
-    if qd.dtype != f32 or qd.shape[0] != 2:
-        raise ValueError(f"the Mosaic GPU adjoint pass reads float32 qd [2, B H, T, K], got {qd.dtype} {qd.shape}")
+    halves_in = qd.dtype == jnp.bfloat16 and qd.shape[0] == 4  # split_dtype "qkd-bf16x2": copied as they are
+    if not halves_in and (qd.dtype != f32 or qd.shape[0] != 2):
+        raise ValueError(
+            f"the Mosaic GPU adjoint pass reads float32 qd [2, B H, T, K] or its bfloat16 halves [4, B H, T, K], got"
+            f" {qd.dtype} {qd.shape}"
+        )
     NC, N = T // (P * BT), T // BT
     acc = plgpu.Layout.WGMMA
     sw32, sw16 = swizzles()
     ld, mma = kernel_ops(interpret)
 
     def body(qd_ref, ebl_ref, do_ref, dl_ref, send_ref, *scratch):
-        q32_sm, qh_sm, ql_sm, e_sm, do_sm, st_sm, bar = scratch
+        q32_sm, qh_sm, ql_sm, e_sm, do_sm, st_sm, bar = scratch if not halves_in else (None, *scratch)
         iv, bh, p = lax.axis_index("iv"), lax.axis_index("bh"), lax.axis_index("p")
         b, h = lax.div(bh, H), lax.rem(bh, H)
         vs = pl.ds(iv * BV, BV)
 
-        def fetch_q(c):  # one copy per barrier: qd of state s on s
+        def fetch_q(c):  # one copy per barrier: qd of state s on s (its halves: hi on s, lo on 4 + s)
+            ts = pl.ds(c * BT, BT)
             for s in range(2):
-                plgpu.copy_gmem_to_smem(qd_ref.at[s, bh, pl.ds(c * BT, BT)], q32_sm.at[s], bar.at[s])
+                if halves_in:
+                    plgpu.copy_gmem_to_smem(qd_ref.at[2 * s, bh, ts], qh_sm.at[s], bar.at[s])
+                    plgpu.copy_gmem_to_smem(qd_ref.at[2 * s + 1, bh, ts], ql_sm.at[s], bar.at[4 + s])
+                else:
+                    plgpu.copy_gmem_to_smem(qd_ref.at[s, bh, ts], q32_sm.at[s], bar.at[s])
 
         def fetch_rest(c):  # do on 2, exp(bL) on 3
             plgpu.copy_gmem_to_smem(do_ref.at[b, pl.ds(c * BT, BT), h, vs], do_sm, bar.at[2])
@@ -474,19 +485,22 @@ def chunk_adjoints_mgpu(
         def step(n, carry):
             c = c_end - n  # carry: D_s, the adjoint of the state leaving chunk c
             _store_pair(st_sm, carry, [dl_ref.at[s, bh, c, :, vs] for s in range(2)])
-            _wait(bar, 0, 4)
-            for s in range(2):  # qd's bfloat16 halves for the transposed operand
-                split_halves(ld(q32_sm.at[s], acc), qh_sm.at[s], ql_sm.at[s])
-            plgpu.commit_smem()  # also a warpgroup barrier: every read of q32_sm is done before its next copy
+            _wait(bar, 0, 6 if halves_in else 4)
+            if not halves_in:
+                for s in range(2):  # qd's bfloat16 halves for the transposed operand
+                    split_halves(ld(q32_sm.at[s], acc), qh_sm.at[s], ql_sm.at[s])
+                plgpu.commit_smem()  # also a warpgroup barrier: every read of q32_sm is done before its next copy
 
-            @pl.when(n + 1 < NC)
-            def _():
-                fetch_q(c - 1)
+                @pl.when(n + 1 < NC)
+                def _():
+                    fetch_q(c - 1)
 
             new = _update_natural(carry, qh_sm, ql_sm, e_sm, do_sm, ld, mma, K, BV)  # D_s <- diag(ebl) D_s + qd^T do
 
             @pl.when(n + 1 < NC)
             def _():
+                if halves_in:  # the update has read the halves
+                    fetch_q(c - 1)
                 fetch_rest(c - 1)
 
             return tuple(new)
@@ -506,13 +520,13 @@ def chunk_adjoints_mgpu(
         grid=(V // BV, B * H, P),
         grid_names=("iv", "bh", "p"),
         scratch_types=[
-            plgpu.SMEM((2, BT, K), f32, transforms=sw32),  # qd as copied
+            *([] if halves_in else [plgpu.SMEM((2, BT, K), f32, transforms=sw32)]),  # qd as copied
             plgpu.SMEM((2, BT, K), jnp.bfloat16, transforms=sw16),  # its halves
             plgpu.SMEM((2, BT, K), jnp.bfloat16, transforms=sw16),
             plgpu.SMEM((2, K), f32),
             plgpu.SMEM((BT, BV), do.dtype, transforms=sw16),
             plgpu.SMEM((2, K, BV), f32, transforms=sw32),
-            plgpu.Barrier(num_barriers=4),
+            plgpu.Barrier(num_barriers=6 if halves_in else 4),
         ],
     )
     return kernel(qd, ebl, do)
