@@ -115,7 +115,7 @@ def test_fused_lowers_for_cuda(monkeypatch):
 
     text = lowered(cfg)
     assert "dsla_fwd_fused_mgpu" in text and "dsla_seg_fused_mgpu" in text
-    assert "dsla_fwd_rec_mgpu" in text  # the split forward, the cond's other branch
+    assert "dsla_fwd_rec_pair_mgpu" in text  # the split forward, the cond's other branch
     if sizes:
         assert max(sizes) <= 227 * 1024, sizes  # one program per SM
     assert "dsla_fwd_fused_mgpu" not in lowered(cfg, grad=True)

@@ -184,7 +184,7 @@ def test_intra_mgpu_lowers_for_cuda(monkeypatch):
         return lowered_op(config, B, T, H, K, V, grad)
 
     text = lowered(cfg)
-    assert "dsla_fwd_intra_mgpu" in text and "dsla_fwd_exact" in text and "dsla_fwd_rec_mgpu" in text
+    assert "dsla_fwd_intra_mgpu" in text and "dsla_fwd_exact" in text and "dsla_fwd_rec_pair_mgpu" in text
     assert "dsla_fwd_intra_mgpu" in lowered(cfg, grad=True)  # with the scores the backward reads
     assert "dsla_fwd_intra_mgpu" not in lowered(dataclasses.replace(cfg, intra_mosaic=False))
 

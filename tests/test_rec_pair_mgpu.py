@@ -1,5 +1,5 @@
-"""The paired recurrent kernel (`pallas_gpu_rec_pair_mgpu`, `GpuConfig.rec_pair`, off by default): both value tiles of
-a head in one program, the state as the register operand of bf16 WGMMAs, o stored through a transposed view.
+"""The paired recurrent kernel (`pallas_gpu_rec_pair_mgpu`, `GpuConfig.rec_pair`, on by default on GPUs): both value
+tiles of a head in one program, the state as the register operand of bf16 WGMMAs, o stored through a transposed view.
 
 On CPU: the kernel in Mosaic GPU's interpreter against a float64 chunk loop and against its twin `fwd_rec_mgpu`, its
 checks of bad inputs, and its lowering for CUDA. On a GPU: the whole forward with `rec_pair=True` against the oracle.
@@ -153,8 +153,8 @@ def test_pair_kernel_checks():
 
 
 def test_pair_kernel_lowers_in_the_op():
-    """The forward with `rec_pair=True` lowers for CUDA on any host with the paired kernel in place of the unpaired
-    one; with the default config the unpaired kernel runs."""
+    """The forward with `rec_pair=True` (the default) lowers for CUDA on any host with the paired kernel in place of
+    the unpaired one; with `rec_pair=False`, or V = 64, the unpaired kernel runs."""
     from _lowering import lowered_op
 
     text = lowered_op(GpuConfig(rec="mosaic", rec_pair=True, num_segments=2), 1, 512, 2, 128, 128)
@@ -163,7 +163,7 @@ def test_pair_kernel_lowers_in_the_op():
     text = lowered_op(GpuConfig(rec="mosaic", rec_pair=True, num_segments=2), 1, 512, 2, 128, 128, grad=True)
     # (the gradient of sum(o) does not need o: the recurrent kernel is dropped; the adjoint pass reads qd's halves)
     assert "dsla_fwd_intra_mgpu" in text and "dsla_chunk_adjoints_mgpu" in text
-    text = lowered_op(GpuConfig(rec="mosaic", num_segments=2), 1, 512, 2, 128, 128)
+    text = lowered_op(GpuConfig(rec="mosaic", rec_pair=False, num_segments=2), 1, 512, 2, 128, 128)
     assert "dsla_fwd_rec_mgpu" in text and "dsla_fwd_rec_pair_mgpu" not in text
     text = lowered_op(GpuConfig(rec="mosaic", rec_pair=True, num_segments=2), 1, 512, 2, 128, 64)  # V 64: unpaired
     assert "dsla_fwd_rec_mgpu" in text and "dsla_fwd_rec_pair_mgpu" not in text

@@ -100,7 +100,8 @@ def _gpu_fwd_split_mosaic(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret, k
     from dsla_jax.ops.dsla import pallas_gpu_rec_pair_mgpu as kp
 
     BH, K, V = h0.shape[0], h0.shape[-2], h0.shape[-1]
-    pair = cfg.rec_pair and kp.pair_problem(cfg.chunk, K, V, v.dtype) is None  # both value tiles in one program
+    # Both value tiles in one program (not in the interpreter: see `GpuConfig.rec_pair`).
+    pair = cfg.rec_pair and not interpret and kp.pair_problem(cfg.chunk, K, V, v.dtype) is None
     icfg = replace(cfg, split_dtype="qkd-bf16x2") if pair else cfg  # the intra kernels write qd's halves too
     intra = kg.fwd_intra_gpu
     if icfg.intra_mosaic and icfg.split_dtype in ("kd-bf16x2", "qkd-bf16x2"):  # the Mosaic intra kernel where it fits

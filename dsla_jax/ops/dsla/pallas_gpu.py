@@ -175,11 +175,14 @@ class GpuConfig:
             0.98-1.00; kernel_notes item 17 has the profile).
         rec_pair: with rec "mosaic", bfloat16 v, key dim 64 or 128 and V a multiple of 128, the split forward's
             recurrent kernel takes both 64-column value tiles of a head in one program (`pallas_gpu_rec_pair_mgpu`:
-            two warpgroups share one copy of qd's and kd's tiles; the state is the register operand of bf16 WGMMAs;
-            o^T is stored transposed). Off by default: the kernel is faster (B1 T8192 H32 D128 on an H200, same
-            call: 0.389 ms against 0.499-0.501; T32768 1.484 against 1.944), but it reads qd as bfloat16 halves,
-            which the intra kernels do not write yet, so XLA splits qd (0.32 ms at B1 T8192) and the forward is
-            slower end to end (kernel_notes item 18).
+            two warpgroups share one copy of qd's and kd's tiles, the state is the register operand of bf16 WGMMAs,
+            o^T is stored transposed) and the intra kernels write qd as bfloat16 halves (split_dtype "qkd-bf16x2"),
+            which the backward's adjoint pass copies as they are. On by default: at B1 T8192 H32 D128 on an H200
+            (same call) the forward went 0.997 -> 0.932 ms, forward + backward 3.88 -> 3.67, B1 T32768 3.68 -> 3.35,
+            every error against XLA lower (o 7.0e-4 -> 3.7e-4); B1 T2048's forward went 0.311 -> 0.333 (kernel_notes
+            item 18). In interpret mode the unpaired kernel runs: inside the op's jit the interpreter's two
+            warpgroup threads stalled at their first cross-warpgroup barrier on a 2-core host (the kernel alone runs
+            there: `tests/test_rec_pair_mgpu.py`).
         save_states: under differentiation, the split forward's recurrent kernel stores the state entering every
             chunk (float32, 8 K V bytes per chunk and head: 0.54 GB at B1 T8192 H32 D128, 16x the other
             residuals) and the split backward reads them instead of recomputing them in its state pass. Off by
@@ -231,7 +234,7 @@ class GpuConfig:
     exact_block_k: int | None = 64
     intra_mosaic: bool = True
     fwd_fused_mosaic: bool = False
-    rec_pair: bool = False
+    rec_pair: bool = True
     cumsum: str = "scan"
     split_dtype: str = "float32"
     intra_num_warps: int = 4
