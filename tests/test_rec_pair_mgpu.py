@@ -18,7 +18,7 @@ import pytest
 
 from dsla_jax.ops.dsla import pallas_gpu_rec_mgpu as km
 from dsla_jax.ops.dsla import pallas_gpu_rec_pair_mgpu as kp
-from dsla_jax.ops.dsla.pallas_gpu import GpuConfig
+from dsla_jax.ops.dsla.pallas_gpu import GpuConfig, chunk_gate_sums
 from dsla_jax.ops.dsla.pallas_gpu_fused_mgpu import join_states, split_states
 
 f32 = jnp.float32
@@ -111,14 +111,8 @@ def test_intra_kernels_write_qd_halves_interpret():
     for i in range(1, 5):  # kd, ebl, o_intra, A: as with "kd-bf16x2"
         np.testing.assert_array_equal(np.asarray(got[i].astype(f32)), np.asarray(base[i].astype(f32)))
     with pytest.raises(ValueError, match="V >= 128"):
-        ki.fwd_intra_mgpu(q, k, v[..., :64], g1, g2, mix, chunk_gate_sums_(g1, g2), scale=scale, qd_halves=True,
+        ki.fwd_intra_mgpu(q, k, v[..., :64], g1, g2, mix, chunk_gate_sums(g1, g2, 64), scale=scale, qd_halves=True,
                           interpret=True)  # fmt: skip
-
-
-def chunk_gate_sums_(g1, g2):
-    from dsla_jax.ops.dsla.pallas_gpu import chunk_gate_sums
-
-    return chunk_gate_sums(g1, g2, 64)
 
 
 def test_adjoint_pass_reads_qd_halves_interpret():

@@ -104,7 +104,7 @@ def _gpu_fwd_split_mosaic(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret, k
     pair = cfg.rec_pair and not interpret and kp.pair_problem(cfg.chunk, K, V, v.dtype) is None
     icfg = replace(cfg, split_dtype="qkd-bf16x2") if pair else cfg  # the intra kernels write qd's halves too
     intra = kg.fwd_intra_gpu
-    if icfg.intra_mosaic and icfg.split_dtype in ("kd-bf16x2", "qkd-bf16x2"):  # the Mosaic intra kernel where it fits
+    if icfg.intra_mosaic and icfg.split_dtype in kg.KD_HALVES:  # the Mosaic intra kernel where it fits
         from dsla_jax.ops.dsla import pallas_gpu_intra_mgpu as ki
 
         if ki.intra_problem(q, k, v, g1, g2, cfg.chunk) is None:

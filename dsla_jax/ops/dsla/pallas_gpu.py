@@ -54,6 +54,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from dsla_jax.ops.dsla.mgpu import halves
+
 f32 = jnp.float32
 
 # Largest per-channel decay range of a chunk (in nats) for the matmul path of the intra-chunk scores.
@@ -681,6 +683,7 @@ SPLIT_DTYPES = {
     "kd-bf16x2": (f32, jnp.bfloat16),
     "qkd-bf16x2": (jnp.bfloat16, jnp.bfloat16),
 }
+KD_HALVES = ("kd-bf16x2", "qkd-bf16x2")  # the split dtypes that store kd as halves (what the Mosaic kernels read)
 
 
 def round_tf32(x: jax.Array) -> jax.Array:
@@ -724,14 +727,10 @@ def _intra_kernel(w_ref, q_ref, k_ref, v_ref, g1_ref, g2_ref, *refs, H, BT, BK, 
             qd, kd, a_s, bL, trips = _fwd_terms(q, k, g_ref[b, ts, h, ks].astype(f32), nm, mode == "fast")
             if decayed and kd_ref.shape[0] == 4:  # "kd-bf16x2", "qkd-bf16x2"
                 if qd_ref.shape[0] == 4:  # "qkd-bf16x2": qd's halves too (the paired recurrent kernel's operand)
-                    qd_hi = (qd * w).astype(qd_ref.dtype)
-                    qd_ref[2 * s, bh, ts, ks] = qd_hi
-                    qd_ref[2 * s + 1, bh, ts, ks] = (qd * w - qd_hi.astype(f32)).astype(qd_ref.dtype)
+                    qd_ref[2 * s, bh, ts, ks], qd_ref[2 * s + 1, bh, ts, ks] = halves(qd * w, qd_ref.dtype)
                 else:
                     qd_ref[s, bh, ts, ks] = round_tf32(qd * w)
-                kd_hi = kd.astype(kd_ref.dtype)
-                kd_ref[2 * s, bh, ts, ks] = kd_hi
-                kd_ref[2 * s + 1, bh, ts, ks] = (kd - kd_hi.astype(f32)).astype(kd_ref.dtype)
+                kd_ref[2 * s, bh, ts, ks], kd_ref[2 * s + 1, bh, ts, ks] = halves(kd, kd_ref.dtype)
             elif decayed:
                 qd_ref[s, bh, ts, ks] = (qd * w).astype(qd_ref.dtype)
                 kd_ref[s, bh, ts, ks] = kd.astype(kd_ref.dtype)
@@ -789,7 +788,7 @@ def fwd_intra_gpu(
     kw = dict(H=H, BT=BT, BK=BK, scale=scale, nm=_numerics(cfg), decayed=decayed, scores=scores)
     out_shape = (
         jax.ShapeDtypeStruct((4 if cfg.split_dtype == "qkd-bf16x2" else 2, B * H, T, K), qdt),
-        jax.ShapeDtypeStruct((4 if cfg.split_dtype in ("kd-bf16x2", "qkd-bf16x2") else 2, B * H, T, K), kdt),
+        jax.ShapeDtypeStruct((4 if cfg.split_dtype in KD_HALVES else 2, B * H, T, K), kdt),
         jax.ShapeDtypeStruct((2, B * H, N, K), f32),
         jax.ShapeDtypeStruct((B * H, T, V), f32),
         jax.ShapeDtypeStruct((B * H, T, BT), f32),

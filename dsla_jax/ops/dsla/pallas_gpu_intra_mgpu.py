@@ -39,7 +39,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from dsla_jax.ops.dsla.mgpu import halves, kernel_ops, launch, row_minus_col, split_halves, swizzles, zeros
-from dsla_jax.ops.dsla.pallas_gpu import THRESH, GpuConfig, chunk_gate_sums, fwd_intra_fixup_gpu, round_tf32
+from dsla_jax.ops.dsla.pallas_gpu import (
+    KD_HALVES,
+    THRESH,
+    GpuConfig,
+    chunk_gate_sums,
+    fwd_intra_fixup_gpu,
+    round_tf32,
+)
 from dsla_jax.ops.dsla.pallas_gpu_rec_mgpu import _wait
 
 f32 = jnp.float32
@@ -262,7 +269,7 @@ def fwd_intra_mgpu_fixed(
         q, k, g1, g2: [B, T, H, K] bfloat16; v: [B, T, H, V] bfloat16; w: [2] float32 mix; cfg: `GpuConfig` (its
             chunk, thresh and the fix-up's tiles).
     """
-    if cfg.split_dtype not in ("kd-bf16x2", "qkd-bf16x2"):
+    if cfg.split_dtype not in KD_HALVES:
         raise ValueError(
             f"the Mosaic GPU intra kernel writes split_dtype 'kd-bf16x2' or 'qkd-bf16x2', got {cfg.split_dtype!r}"
         )

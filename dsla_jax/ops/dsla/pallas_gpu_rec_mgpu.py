@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dsla_jax.ops.dsla.mgpu import kernel_ops, launch, split_halves, swizzles, zeros
+from dsla_jax.ops.dsla.mgpu import halves, kernel_ops, launch, split_halves, swizzles, zeros
 from dsla_jax.ops.dsla.pallas_gpu import round_tf32
 
 f32 = jnp.float32
@@ -546,6 +546,4 @@ def adjoint_decays(ebl: jax.Array, P: int) -> tuple[jax.Array, jax.Array]:
 def split_kd(kd: jax.Array) -> jax.Array:
     """[2, ...] float32 decayed keys as [4, ...] bfloat16 planes (hi, lo per state) whose float32 sums are kd to
     ~2^-16 relative (what the intra kernel writes itself with `GpuConfig.split_dtype="kd-bf16x2"`)."""
-    hi = kd.astype(jnp.bfloat16)
-    lo = (kd - hi.astype(f32)).astype(jnp.bfloat16)
-    return jnp.stack([hi, lo], axis=1).reshape(4, *kd.shape[1:])
+    return jnp.stack(halves(kd), axis=1).reshape(4, *kd.shape[1:])

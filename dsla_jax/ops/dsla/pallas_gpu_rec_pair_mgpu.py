@@ -30,7 +30,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dsla_jax.ops.dsla.mgpu import halves, kernel_ops, launch, load_transposed, store_transposed, swizzles
+from dsla_jax.ops.dsla.mgpu import (
+    halves,
+    kernel_ops,
+    launch,
+    load_transposed,
+    split_halves,
+    store_transposed,
+    swizzles,
+)
 from dsla_jax.ops.dsla.pallas_gpu_rec_mgpu import _wait
 
 f32 = jnp.float32
@@ -182,9 +190,7 @@ def fwd_rec_pair_mgpu(
             for i in range(2):  # the last chunk's qd, kd tiles read by both warpgroups: st_sm takes the states
                 plgpu.barrier_wait(free.at[i])
             for s in range(2):
-                hi, lo = halves(final[s])
-                st_sm.at[2 * s][...] = hi
-                st_sm.at[2 * s + 1][...] = lo
+                split_halves(final[s], st_sm.at[2 * s], st_sm.at[2 * s + 1])
             plgpu.commit_smem()
             for s in range(2):
                 for half in range(2):
