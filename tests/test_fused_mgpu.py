@@ -108,7 +108,7 @@ def test_fused_lowers_for_cuda(monkeypatch):
         count = mgpu_core._smem_tree_size
         monkeypatch.setattr(mgpu_core, "_smem_tree_size", lambda *a, **kw: sizes.append(count(*a, **kw)) or sizes[-1])
     B, T, H, K, V = 1, 512, 2, 128, 128
-    cfg = dataclasses.replace(CFG, num_segments=2)
+    cfg = dataclasses.replace(CFG, num_segments=2, rec_pair_min_chunks=4)  # 4 chunks a segment: paired
 
     def lowered(config, grad=False):
         return lowered_op(config, B, T, H, K, V, grad)

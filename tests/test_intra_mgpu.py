@@ -178,7 +178,7 @@ def test_intra_mgpu_lowers_for_cuda(monkeypatch):
         # 108,648 bytes with JAX 0.10.2; two programs per SM need <= (228 - 2 x 1 reserved) / 2 KB each.
         assert sizes[-1] <= 113 * 1024, sizes
 
-    cfg = GpuConfig(rec="mosaic", split_dtype="kd-bf16x2", num_segments=2, intra_mosaic=True)
+    cfg = GpuConfig(rec="mosaic", split_dtype="kd-bf16x2", num_segments=2, intra_mosaic=True, rec_pair_min_chunks=1)
 
     def lowered(config, grad=False):
         return lowered_op(config, B, T, H, K, V, grad)

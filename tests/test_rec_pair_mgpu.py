@@ -148,12 +148,17 @@ def test_pair_kernel_checks():
 
 def test_pair_kernel_lowers_in_the_op():
     """The forward with `rec_pair=True` (the default) lowers for CUDA on any host with the paired kernel in place of
-    the unpaired one; with `rec_pair=False`, or V = 64, the unpaired kernel runs."""
+    the unpaired one where each segment has `rec_pair_min_chunks` chunks; with fewer (4 here, against the default
+    16), with `rec_pair=False`, or with V = 64, the unpaired kernel runs."""
     from _lowering import lowered_op
 
-    text = lowered_op(GpuConfig(rec="mosaic", rec_pair=True, num_segments=2), 1, 512, 2, 128, 128)
+    text = lowered_op(
+        GpuConfig(rec="mosaic", rec_pair=True, num_segments=2, rec_pair_min_chunks=4), 1, 512, 2, 128, 128
+    )
     assert "dsla_fwd_rec_pair_mgpu" in text and "dsla_fwd_rec_mgpu" not in text
     assert "dsla_fwd_intra_mgpu" in text  # writing qd's halves itself: no XLA split of qd
+    text = lowered_op(GpuConfig(rec="mosaic", rec_pair=True, num_segments=2), 1, 512, 2, 128, 128)  # 4 < 16 chunks
+    assert "dsla_fwd_rec_mgpu" in text and "dsla_fwd_rec_pair_mgpu" not in text
     text = lowered_op(GpuConfig(rec="mosaic", rec_pair=True, num_segments=2), 1, 512, 2, 128, 128, grad=True)
     # (the gradient of sum(o) does not need o: the recurrent kernel is dropped; the adjoint pass reads qd's halves)
     assert "dsla_fwd_intra_mgpu" in text and "dsla_chunk_adjoints_mgpu" in text

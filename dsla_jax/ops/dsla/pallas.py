@@ -102,6 +102,7 @@ def _gpu_fwd_split_mosaic(q, k, v, g1, g2, w, h0, *, scale, cfg, P, interpret, k
     BH, K, V = h0.shape[0], h0.shape[-2], h0.shape[-1]
     # Both value tiles in one program (not in the interpreter: see `GpuConfig.rec_pair`).
     pair = cfg.rec_pair and not interpret and kp.pair_problem(cfg.chunk, K, V, v.dtype) is None
+    pair = pair and (keep or q.shape[1] // (cfg.chunk * P) >= cfg.rec_pair_min_chunks)  # few chunks: unpaired
     icfg = replace(cfg, split_dtype="qkd-bf16x2") if pair else cfg  # the intra kernels write qd's halves too
     intra = kg.fwd_intra_gpu
     if icfg.intra_mosaic and icfg.split_dtype in kg.KD_HALVES:  # the Mosaic intra kernel where it fits

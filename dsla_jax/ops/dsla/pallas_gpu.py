@@ -185,6 +185,12 @@ class GpuConfig:
             item 18). In interpret mode the unpaired kernel runs: inside the op's jit the interpreter's two
             warpgroup threads stalled at their first cross-warpgroup barrier on a 2-core host (the kernel alone runs
             there: `tests/test_rec_pair_mgpu.py`).
+        rec_pair_min_chunks: the forward that is not differentiated takes the paired kernel only where each segment
+            has at least this many chunks: with few chunks a program's fixed costs (the states' hand-in and
+            hand-out, the cross-warpgroup barriers) outweigh what sharing saves (B1 T2048, 8 chunks a segment:
+            0.311 ms unpaired against 0.333 paired, v16). Under differentiation the paired kernel runs whenever it
+            applies: its qd halves save the backward's adjoint pass more (B1 T2048 forward + backward 1.155 ->
+            1.095 ms).
         save_states: under differentiation, the split forward's recurrent kernel stores the state entering every
             chunk (float32, 8 K V bytes per chunk and head: 0.54 GB at B1 T8192 H32 D128, 16x the other
             residuals) and the split backward reads them instead of recomputing them in its state pass. Off by
@@ -237,6 +243,7 @@ class GpuConfig:
     intra_mosaic: bool = True
     fwd_fused_mosaic: bool = False
     rec_pair: bool = True
+    rec_pair_min_chunks: int = 16
     cumsum: str = "scan"
     split_dtype: str = "float32"
     intra_num_warps: int = 4
