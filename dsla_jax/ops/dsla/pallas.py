@@ -261,16 +261,27 @@ def _gpu_bwd_split(res, do, ds_T, *, scale, cfg, P, interpret, kv_f32=False):
     kd, ebl, qd = mosaic_res if mosaic_res is not None else (None, None, None)
     bv = min(cfg.block_v, v.shape[-1])
     tiles = dict(P=P, chunk=cfg.chunk, block_v=bv, interpret=interpret)
+    pair = False  # both value tiles of a head per program (`GpuConfig.bwd_pair`; not in the interpreter)
+    if kd is not None and cfg.bwd_pair and not interpret:
+        from dsla_jax.ops.dsla import pallas_gpu_seq_pair_mgpu as ks
+
+        pair = ks.seq_pair_problem(cfg.chunk, kd.shape[-1], v.shape[-1], v.dtype) is None and do.dtype == v.dtype
     if hs is None and kd is not None:  # from the Mosaic forward's kd halves (`GpuConfig.bwd_states_mosaic`)
         from dsla_jax.ops.dsla import pallas_gpu_rec_mgpu as km
 
-        hs = km.chunk_states_mgpu(kd, ebl, v, s_in, **tiles)
+        if pair:
+            hs = ks.chunk_states_pair_mgpu(kd, ebl, v, s_in, P=P, chunk=cfg.chunk)
+        else:
+            hs = km.chunk_states_mgpu(kd, ebl, v, s_in, **tiles)
     if hs is None:  # the states entering every chunk, unless the forward stored them
         hs, _ = kb.chunk_states_gpu(w, k, v, g1, g2, s_in, reverse=False, **kw)
     if qd is not None:  # from the Mosaic forward's decayed queries (`GpuConfig.bwd_adjoints_mosaic`)
         from dsla_jax.ops.dsla import pallas_gpu_rec_mgpu as km
 
-        dl, send = km.chunk_adjoints_mgpu(qd, ebl, do, **tiles)
+        if pair and qd.shape[0] == 4:  # qd's halves (split_dtype "qkd-bf16x2", with `rec_pair`)
+            dl, send = ks.chunk_adjoints_pair_mgpu(qd, ebl, do, P=P, chunk=cfg.chunk)
+        else:
+            dl, send = km.chunk_adjoints_mgpu(qd, ebl, do, **tiles)
         e, dend = km.adjoint_decays(ebl, P)
     else:
         dl, e, send, dend = kb.chunk_states_gpu(w, q, do, g1, g2, None, reverse=True, **kw)

@@ -191,6 +191,10 @@ class GpuConfig:
             0.311 ms unpaired against 0.333 paired, v16). Under differentiation the paired kernel runs whenever it
             applies: its qd halves save the backward's adjoint pass more (B1 T2048 forward + backward 1.155 ->
             1.095 ms).
+        bwd_pair: with the Mosaic backward, bfloat16 v and do, key dim 64 or 128 and V a multiple of 128, the
+            split backward's state pass and (on qd's halves, with `rec_pair`) adjoint pass take both 64-column value
+            tiles of a head in one program (`pallas_gpu_seq_pair_mgpu`: two warpgroups share one copy of kd's / qd's
+            bfloat16 planes). Not in interpret mode (as `rec_pair`; the kernels alone are tested there).
         save_states: under differentiation, the split forward's recurrent kernel stores the state entering every
             chunk (float32, 8 K V bytes per chunk and head: 0.54 GB at B1 T8192 H32 D128, 16x the other
             residuals) and the split backward reads them instead of recomputing them in its state pass. Off by
@@ -244,6 +248,7 @@ class GpuConfig:
     fwd_fused_mosaic: bool = False
     rec_pair: bool = True
     rec_pair_min_chunks: int = 16
+    bwd_pair: bool = True
     cumsum: str = "scan"
     split_dtype: str = "float32"
     intra_num_warps: int = 4
