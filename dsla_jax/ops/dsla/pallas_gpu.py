@@ -187,14 +187,16 @@ class GpuConfig:
             there: `tests/test_rec_pair_mgpu.py`).
         rec_pair_min_chunks: the forward that is not differentiated takes the paired kernel only where each segment
             has at least this many chunks: with few chunks a program's fixed costs (the states' hand-in and
-            hand-out, the cross-warpgroup barriers) outweigh what sharing saves (B1 T2048, 8 chunks a segment:
-            0.311 ms unpaired against 0.333 paired, v16). Under differentiation the paired kernel runs whenever it
-            applies: its qd halves save the backward's adjoint pass more (B1 T2048 forward + backward 1.155 ->
-            1.095 ms).
+            hand-out, the cross-warpgroup barriers) outweigh what sharing saves (B1 T2048, 8 chunks a segment, on
+            an H200: 0.311 ms unpaired against 0.333 paired in v16, 0.313-0.321 against 0.327-0.330 in v17).
+            Under differentiation the paired kernel runs whenever it applies: its qd halves save the backward's
+            adjoint pass more (B1 T2048 forward + backward 1.155 -> 1.095 ms).
         bwd_pair: with the Mosaic backward, bfloat16 v and do, key dim 64 or 128 and V a multiple of 128, the
             split backward's state pass and (on qd's halves, with `rec_pair`) adjoint pass take both 64-column value
             tiles of a head in one program (`pallas_gpu_seq_pair_mgpu`: two warpgroups share one copy of kd's / qd's
-            bfloat16 planes). Not in interpret mode (as `rec_pair`; the kernels alone are tested there).
+            bfloat16 planes). On by default: at B1 T8192 H32 D128 on an H200 (same call) each pass went 0.31 ->
+            0.24 ms and forward + backward 3.67 -> 3.53, the gradients bit-identical (kernel_notes item 19). Not in
+            interpret mode (as `rec_pair`; the kernels alone are tested there).
         save_states: under differentiation, the split forward's recurrent kernel stores the state entering every
             chunk (float32, 8 K V bytes per chunk and head: 0.54 GB at B1 T8192 H32 D128, 16x the other
             residuals) and the split backward reads them instead of recomputing them in its state pass. Off by

@@ -1,0 +1,6 @@
+set -uo pipefail
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/card.txt
+timeout 300 python3 .dev/t_s14c2.py 2>&1 | tee $OUT/ab.log | grep "^|\|Error\|rel:" | head -30
+timeout 60 python3 -m bench.kernel_profile --pass fwdbwd --shape B1T8192 --out $OUT/profile_fwdbwd_pair.json 2>&1 | grep "^|\|Error" | tee $OUT/profile_fwdbwd_pair.txt | head -12
+timeout 200 python3 -m pytest -q -m gpu -rf tests/test_seq_pair_mgpu.py tests/test_rec_pair_mgpu.py 2>&1 | tail -8 | tee $OUT/gpu_tests.log
