@@ -161,7 +161,7 @@ def test_pair_kernel_lowers_in_the_op():
     assert "dsla_fwd_rec_mgpu" in text and "dsla_fwd_rec_pair_mgpu" not in text
     text = lowered_op(GpuConfig(rec="mosaic", rec_pair=True, num_segments=2), 1, 512, 2, 128, 128, grad=True)
     # (the gradient of sum(o) does not need o: the recurrent kernel is dropped; the adjoint pass reads qd's halves)
-    assert "dsla_fwd_intra_mgpu" in text and "dsla_chunk_adjoints_mgpu" in text
+    assert "dsla_fwd_intra_mgpu" in text and "dsla_chunk_adjoints_pair_mgpu" in text
     text = lowered_op(GpuConfig(rec="mosaic", rec_pair=False, num_segments=2), 1, 512, 2, 128, 128)
     assert "dsla_fwd_rec_mgpu" in text and "dsla_fwd_rec_pair_mgpu" not in text
     text = lowered_op(GpuConfig(rec="mosaic", rec_pair=True, num_segments=2), 1, 512, 2, 128, 64)  # V 64: unpaired
