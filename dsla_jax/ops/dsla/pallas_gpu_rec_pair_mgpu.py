@@ -67,7 +67,6 @@ def fwd_rec_pair_mgpu(
     *,
     P: int,
     chunk: int = TILE,
-    oi_early: bool = True,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """o and each segment's final states from the split intra kernel's outputs (all segments in parallel).
@@ -82,8 +81,6 @@ def fwd_rec_pair_mgpu(
         s_in: [B * H, P, 2, 2, V, K] bfloat16 halves of the transposed states entering each segment
             (`pallas_gpu_fused_mgpu.split_states`).
         P: segments (T a multiple of P chunks); chunk: 64.
-        oi_early: copy the next chunk's o_intra as soon as this chunk's is in registers (its copy overlaps the
-            state update), rather than after the update with v's and exp(bL)'s.
 
     Returns:
         o [B, T, H, V] bfloat16 and the segments' final states as halves, [B * H, P, 2, 2, V, K] bfloat16.
@@ -131,17 +128,14 @@ def fwd_rec_pair_mgpu(
                 for i in (2 * w, 2 * w + 1):
                     cp(kd_ref.at[i, bh, ts(c)], kd_sm.at[i], bar.at[KB + i])
 
-            def fetch_oi(c):  # this warpgroup's o_intra (with the output's inputs)
+            def fetch_own(c):  # this warpgroup's o_intra (with the output's inputs) and v, exp(bL) (the update's)
                 cp(oi_ref.at[bh, ts(c), vs], oi_sm.at[w], bar.at[OB + w])
-
-            def fetch_own(c):  # this warpgroup's v, exp(bL) (the update's)
                 cp(v_ref.at[b, ts(c), h, vs], v_sm.at[w], bar.at[VB + w])
                 cp(ebl_ref.at[:, bh, c], e_sm.at[w], bar.at[EB + w])
 
             for s in range(2):
                 for half in range(2):
                     cp(sin_ref.at[bh, p, s, half, vs], st_sm.at[2 * s + half], bar.at[SB + 4 * w + 2 * s + half])
-            fetch_oi(c0)
             fetch_own(c0)
             _wait(bar, SB + 4 * w, 4)
             init = tuple(
@@ -164,8 +158,6 @@ def fwd_rec_pair_mgpu(
                     qh, ql = ("T", qd_sm.at[2 * s]), ("T", qd_sm.at[2 * s + 1])  # [K, BT]
                     ot = mma(ot, [(sh, qh), (sh, ql), (sl, qh)])
                 plgpu.barrier_arrive(free.at[0])  # this warpgroup has read qd(c)
-                if oi_early:  # o_intra(c) is in registers: the next one's copy overlaps the update
-                    pl.when(more)(lambda: fetch_oi(c + 1))
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's o has left o_sm
                 store_transposed(o_sm.at[w], ot, interpret)
                 plgpu.commit_smem()
@@ -188,8 +180,6 @@ def fwd_rec_pair_mgpu(
 
                 @pl.when(more)
                 def _():
-                    if not oi_early:
-                        fetch_oi(c + 1)
                     fetch_own(c + 1)
                     plgpu.barrier_wait(free.at[1])
                     fetch_kd(c + 1)
