@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bench.common import rel_err
 from dsla_jax.ops.dsla import pallas_gpu_rec_mgpu as km
 from dsla_jax.ops.dsla import pallas_gpu_seq_pair_mgpu as ks
 from dsla_jax.ops.dsla.pallas_gpu import GpuConfig
@@ -60,11 +61,6 @@ def _loop(x, ebl, y, s_in, P, reverse):
     return out, send
 
 
-def _rel(a, b) -> float:
-    a = np.asarray(jnp.asarray(a, f32), np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 @pytest.mark.parametrize("K", [64, 128])
 def test_state_pass_pair_interpret(K):
     """The paired state pass in the interpreter, two segments of two chunks: the states entering every chunk against
@@ -74,7 +70,7 @@ def test_state_pass_pair_interpret(K):
     want, _ = _loop(x, ebl, y, np.asarray(s_in, np.float64), P, reverse=False)
     got = ks.chunk_states_pair_mgpu(x, ebl, y, s_in, P=P, interpret=True)
     assert got.shape == want.shape and got.dtype == f32
-    assert _rel(got, want) < 1e-6, _rel(got, want)
+    assert rel_err(want, got) < 1e-6, rel_err(want, got)
     twin = km.chunk_states_mgpu(x, ebl, y, s_in, P=P, interpret=True)
     np.testing.assert_allclose(np.asarray(got), np.asarray(twin), rtol=1e-5, atol=1e-5)
 
@@ -88,7 +84,7 @@ def test_adjoint_pass_pair_interpret(K):
     x, ebl, y, _ = _inputs(K=K, P=P, seed=1)
     want, want_send = _loop(x, ebl, y, None, P, reverse=True)
     dl, send = ks.chunk_adjoints_pair_mgpu(x, ebl, y, P=P, interpret=True)
-    assert _rel(dl, want) < 1e-6 and _rel(send, want_send) < 1e-6, (_rel(dl, want), _rel(send, want_send))
+    assert rel_err(want, dl) < 1e-6 and rel_err(want_send, send) < 1e-6, (rel_err(want, dl), rel_err(want_send, send))
     for a, b in zip((dl, send), km.chunk_adjoints_mgpu(x, ebl, y, P=P, interpret=True)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
@@ -145,4 +141,4 @@ def test_gpu_compiled_bwd_pair(gates):
         return jax.grad(lambda *a: jnp.sum(f(*a)[0].astype(f32) ** 2), argnums=(0, 1, 2, 3, 4, 5))(*args)
 
     for a, b in zip(grads(cfg), grads(GpuConfig(rec="mosaic", bwd_pair=False))):
-        assert _rel(a, np.asarray(jnp.asarray(b, f32), np.float64)) < 1e-3
+        assert rel_err(b, a) < 1e-3
