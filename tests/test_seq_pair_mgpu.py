@@ -108,7 +108,8 @@ def test_pair_passes_checks():
 def test_pair_passes_lower_in_the_op():
     """The backward with `bwd_pair=True` (the default) lowers for CUDA with both paired passes (the adjoint pass on
     qd's halves, which `rec_pair` has the intra kernel write); with `bwd_pair=False`, or V = 64, the unpaired ones;
-    with `rec_pair=False` (float32 qd) the paired state pass and the unpaired adjoint pass."""
+    with `rec_pair=False` (float32 qd) the paired state pass and the unpaired adjoint pass; with the Triton state pass
+    (`bwd_states_mosaic=False`) the paired adjoint pass still."""
     from _lowering import lowered_op
 
     def kernels(cfg, V=128):
@@ -120,6 +121,7 @@ def test_pair_passes_lower_in_the_op():
     assert kernels(GpuConfig(**base, bwd_pair=False)) == {"states", "adjoints"}
     assert kernels(GpuConfig(**base), V=64) == {"states", "adjoints"}
     assert kernels(GpuConfig(**base, rec_pair=False)) == {"states_pair", "adjoints"}
+    assert kernels(GpuConfig(**base, bwd_states_mosaic=False)) == {"adjoints_pair"}  # the Triton state pass
 
 
 @pytest.mark.gpu
