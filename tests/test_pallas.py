@@ -410,8 +410,8 @@ def test_mosaic_recurrent_kernel_lowers():
     # computed inside the dq / dk kernel: `bwd_intra_fused`); the intra-chunk dq / dk terms' exact path stays Triton's.
     loss = lambda *a: fn(*a)[0].astype(jnp.float32).sum()  # noqa: E731
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    # (the state and adjoint passes paired, `bwd_pair`; `test_seq_pair_mgpu` lowers the unpaired ones)
-    for name in ("dsla_chunk_states_pair_mgpu", "dsla_chunk_adjoints_pair_mgpu", "dsla_dv_mgpu", "dsla_dqk_mgpu"):
+    # (the state / adjoint passes and dv paired, `bwd_pair`; `test_seq_pair_mgpu` lowers the unpaired ones)
+    for name in ("dsla_chunk_states_pair_mgpu", "dsla_chunk_adjoints_pair_mgpu", "dsla_dv_pair_mgpu", "dsla_dqk_mgpu"):
         assert name in text, name
     assert "dsla_dqk_intra_mgpu" not in text and "dsla_bwd_dqk_exact" in text  # the terms inside dq / dk
     assert "dsla_bwd_dqk_intra" not in text and not re.search(r"dsla_bwd_dqk\b", text)

@@ -89,6 +89,43 @@ def test_adjoint_pass_pair_interpret(K):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("K", [64, 128])
+def test_dv_pair_interpret(K):
+    """The paired dv kernel in the interpreter (D_s^T formed from transposed views, dv^T stored through do's tile),
+    two segments of two chunks: against the float64 sum_s kd_s (Dloc_s + diag(e_s) dS_end_s) + A^T do within dv's
+    own bfloat16 rounding, and against the unpaired kernel."""
+    from dsla_jax.ops.dsla import pallas_gpu_bwd_mgpu as kbm
+    from dsla_jax.ops.dsla import pallas_gpu_dv_pair_mgpu as kv
+
+    B, T, H, V, P = 1, 256, 2, 128, 2
+    BH, N = B * H, T // 64
+    kd, ebl, do, _ = _inputs(B, T, H, K, V, P, seed=2)
+    ks_ = jax.random.split(jax.random.key(3), 3)
+    dl = jax.random.normal(ks_[0], (2, BH, N, K, V), f32)
+    ds_end = jax.random.normal(ks_[1], (BH, P, 2, K, V), f32)
+    a = jnp.tril(jax.random.normal(ks_[2], (BH, T, 64), f32))
+    got = kv.dv_pair_mgpu(kd, dl, ebl, ds_end, a, do, P=P, interpret=True)
+    x = np.asarray(kd.astype(f32), np.float64)
+    x = x[0::2] + x[1::2]
+    dl64, e64, de64, a64, do64 = (np.asarray(jnp.asarray(z, f32), np.float64) for z in (dl, ebl, ds_end, a, do))
+    want = np.zeros((B, T, H, V))
+    for bh in range(BH):
+        b, h = divmod(bh, H)
+        for c in range(N):
+            ts = slice(c * 64, c * 64 + 64)
+            want[b, ts, h] = a64[bh, ts].T @ do64[b, ts, h]
+            for s in range(2):
+                d = dl64[s, bh, c] + e64[s, bh, c][:, None] * de64[bh, c // (N // P), s]
+                want[b, ts, h] += x[s, bh, ts] @ d
+    rounding = rel_err(want, jnp.asarray(want, f32).astype(jnp.bfloat16))  # dv's own bfloat16 rounding
+    assert got.dtype == jnp.bfloat16 and got.shape == do.shape
+    assert rel_err(want, got) <= 1.05 * rounding, (rel_err(want, got), rounding)
+    twin = kbm.dv_mgpu(kd, dl, ebl, ds_end, a, do, P=P, interpret=True)
+    assert rel_err(want, twin) <= 1.05 * rounding
+    with pytest.raises(ValueError, match="halves"):
+        kv.dv_pair_mgpu(kd[:2], dl, ebl, ds_end, a, do, P=P, interpret=True)
+
+
 def test_pair_passes_checks():
     """Clear errors for what the kernels cannot take."""
     x, ebl, y, s_in = _inputs(T=128, P=1)
@@ -107,21 +144,25 @@ def test_pair_passes_checks():
 
 def test_pair_passes_lower_in_the_op():
     """The backward with `bwd_pair=True` (the default) lowers for CUDA with both paired passes (the adjoint pass on
-    qd's halves, which `rec_pair` has the intra kernel write); with `bwd_pair=False`, or V = 64, the unpaired ones;
+    qd's halves, which `rec_pair` has the intra kernel write) and the paired dv kernel; with `bwd_pair=False`, or
+    V = 64, the unpaired ones;
     with `rec_pair=False` (float32 qd) the paired state pass and the unpaired adjoint pass; with the Triton state pass
     (`bwd_states_mosaic=False`) the paired adjoint pass still."""
     from _lowering import lowered_op
 
     def kernels(cfg, V=128):
         text = lowered_op(cfg, 1, 512, 2, 128, V, grad=True)
-        return {n for n in ("states", "adjoints", "states_pair", "adjoints_pair") if f"dsla_chunk_{n}_mgpu" in text}
+        names = ("chunk_states", "chunk_adjoints", "dv", "chunk_states_pair", "chunk_adjoints_pair", "dv_pair")
+        return {n for n in names if f"dsla_{n}_mgpu" in text}
 
     base = dict(rec="mosaic", split_dtype="kd-bf16x2", num_segments=2)
-    assert kernels(GpuConfig(**base)) == {"states_pair", "adjoints_pair"}
-    assert kernels(GpuConfig(**base, bwd_pair=False)) == {"states", "adjoints"}
-    assert kernels(GpuConfig(**base), V=64) == {"states", "adjoints"}
-    assert kernels(GpuConfig(**base, rec_pair=False)) == {"states_pair", "adjoints"}
-    assert kernels(GpuConfig(**base, bwd_states_mosaic=False)) == {"adjoints_pair"}  # the Triton state pass
+    unpaired = {"chunk_states", "chunk_adjoints", "dv"}
+    assert kernels(GpuConfig(**base)) == {"chunk_states_pair", "chunk_adjoints_pair", "dv_pair"}
+    assert kernels(GpuConfig(**base, bwd_pair=False)) == unpaired
+    assert kernels(GpuConfig(**base), V=64) == unpaired
+    assert kernels(GpuConfig(**base, rec_pair=False)) == {"chunk_states_pair", "chunk_adjoints", "dv_pair"}
+    # the Triton state pass (and Triton dv: it reads no kd halves without the Mosaic state pass's residual)
+    assert kernels(GpuConfig(**base, bwd_states_mosaic=False)) == {"chunk_adjoints_pair"}
 
 
 @pytest.mark.gpu

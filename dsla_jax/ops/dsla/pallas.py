@@ -320,7 +320,12 @@ def _gpu_bwd_split(res, do, ds_T, *, scale, cfg, P, interpret, kv_f32=False):
         from dsla_jax.ops.dsla import pallas_gpu_bwd_mgpu as kbm
 
         out = f32 if kv_f32 else q.dtype
-        dv = kbm.dv_mgpu(kd, dl, e[:, :, :, 0], ds_end, a, do, out_dtype=out, **tiles)
+        if pair and out == do.dtype:  # both value tiles per program (`GpuConfig.bwd_pair`)
+            from dsla_jax.ops.dsla import pallas_gpu_dv_pair_mgpu as kv
+
+            dv = kv.dv_pair_mgpu(kd, dl, e[:, :, :, 0], ds_end, a, do, P=P, chunk=cfg.chunk)
+        else:
+            dv = kbm.dv_mgpu(kd, dl, e[:, :, :, 0], ds_end, a, do, out_dtype=out, **tiles)
     return dq, dk, dv, dg1, dg2, jnp.sum(dw, axis=(1, 2, 3)), dh0
 
 
