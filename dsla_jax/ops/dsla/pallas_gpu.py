@@ -192,11 +192,13 @@ class GpuConfig:
             Under differentiation the paired kernel runs whenever it applies: its qd halves save the backward's
             adjoint pass more (B1 T2048 forward + backward 1.155 -> 1.095 ms).
         bwd_pair: with the Mosaic backward, bfloat16 v and do, key dim 64 or 128 and V a multiple of 128, the
-            split backward's state pass and (on qd's halves, with `rec_pair`) adjoint pass take both 64-column value
-            tiles of a head in one program (`pallas_gpu_seq_pair_mgpu`: two warpgroups share one copy of kd's / qd's
-            bfloat16 planes). On by default: at B1 T8192 H32 D128 on an H200 (same call) each pass went 0.31 ->
-            0.24 ms and forward + backward 3.67 -> 3.53, the gradients bit-identical (kernel_notes item 19). Not in
-            interpret mode (as `rec_pair`; the kernels alone are tested there).
+            split backward's state pass, (on qd's halves, with `rec_pair`) adjoint pass and (with a bfloat16 dv) dv
+            kernel take both 64-column value tiles of a head in one program (`pallas_gpu_seq_pair_mgpu`,
+            `pallas_gpu_dv_pair_mgpu`: two warpgroups share one copy of kd's / qd's bfloat16 planes and of the
+            scores). On by default: at B1 T8192 H32 D128 on an H200 each pass went 0.31 -> 0.24 ms and forward +
+            backward 3.67 -> 3.53 (same call, gradients bit-identical), the paired dv 3.53 -> 3.44 (another call;
+            dv 5e-7 apart) (kernel_notes item 19). Not in interpret mode (as `rec_pair`; the kernels alone are
+            tested there).
         save_states: under differentiation, the split forward's recurrent kernel stores the state entering every
             chunk (float32, 8 K V bytes per chunk and head: 0.54 GB at B1 T8192 H32 D128, 16x the other
             residuals) and the split backward reads them instead of recomputing them in its state pass. Off by
