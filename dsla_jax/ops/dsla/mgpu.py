@@ -59,6 +59,23 @@ def launch(body: Callable, *, name: str, interpret: bool, reduction_scratch_byte
     )
 
 
+def launch_pair(body: Callable, *, name: str, interpret: bool, **kernel_kw):
+    """`launch` for the paired kernels: two warpgroups per program (thread axis "wg"), no reduction scratch; `body`
+    runs `per_warpgroup(thread)`."""
+    return launch(
+        body, name=name, interpret=interpret, reduction_scratch_bytes=0, num_threads=2, thread_name="wg", **kernel_kw
+    )
+
+
+def per_warpgroup(thread: Callable[[int], None]) -> None:
+    """Inside a `launch_pair` body: thread(w) on warpgroup w (w a Python int, so each traces its own code)."""
+    from jax.experimental import pallas as pl
+
+    wg = lax.axis_index("wg")
+    for w in range(2):
+        pl.when(wg == w)(lambda w=w: thread(w))
+
+
 def swizzles() -> tuple[tuple, tuple]:
     """Shared-memory transforms (128-byte swizzle) for float32 and for 16-bit tiles: rows of 32 / 64 elements."""
     from jax.experimental.pallas import mosaic_gpu as plgpu

@@ -24,8 +24,9 @@ from jax import lax
 from dsla_jax.ops.dsla.mgpu import (
     halves,
     kernel_ops,
-    launch,
+    launch_pair,
     load_transposed,
+    per_warpgroup,
     split_halves,
     store_transposed,
     swizzles,
@@ -86,7 +87,7 @@ def dv_pair_mgpu(
 
     def body(kd_ref, dl_ref, e_ref, de_ref, a_ref, do_ref, dv_ref, *scratch):
         kd_sm, a_sm, ah_sm, al_sm, do_sm, e_sm, dl_sm, de_sm, bar, free, ready = scratch
-        wg, iv, bh, c = (lax.axis_index(n) for n in ("wg", "iv", "bh", "c"))
+        iv, bh, c = (lax.axis_index(n) for n in ("iv", "bh", "c"))
         b, h, p = lax.div(bh, H), lax.rem(bh, H), lax.div(c, NC)
         ts = pl.ds(c * BT, BT)
         cp = plgpu.copy_gmem_to_smem
@@ -140,19 +141,15 @@ def dv_pair_mgpu(
             plgpu.copy_smem_to_gmem(do_sm.at[w], dv_ref.at[b, ts, h, vs])
             plgpu.wait_smem_to_gmem(0)
 
-        for w in range(2):
-            pl.when(wg == w)(lambda w=w: thread(w))
+        per_warpgroup(thread)
 
-    kernel = launch(
+    kernel = launch_pair(
         body,
         name="dsla_dv_pair_mgpu",
         interpret=interpret,
-        reduction_scratch_bytes=0,
         out_type=jax.ShapeDtypeStruct((B, T, H, V), do.dtype),
         grid=(V // (2 * BV), B * H, N),
         grid_names=("iv", "bh", "c"),
-        num_threads=2,
-        thread_name="wg",
         scratch_types=[
             plgpu.SMEM((2, BT, K), bf16, transforms=sw16),  # kd hi, lo of one state, shared
             plgpu.SMEM((BT, BT), f32, transforms=sw32),  # A, shared

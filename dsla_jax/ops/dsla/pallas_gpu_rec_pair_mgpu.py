@@ -33,8 +33,9 @@ from jax import lax
 from dsla_jax.ops.dsla.mgpu import (
     halves,
     kernel_ops,
-    launch,
+    launch_pair,
     load_transposed,
+    per_warpgroup,
     split_halves,
     store_transposed,
     swizzles,
@@ -108,7 +109,7 @@ def fwd_rec_pair_mgpu(
 
     def body(qd_ref, kd_ref, ebl_ref, v_ref, oi_ref, sin_ref, o_ref, sout_ref, *scratch):
         qd_sm, kd_sm, oi_sm, v_sm, e_sm, o_sm, bar, free = scratch
-        wg, iv, bh, p = (lax.axis_index(n) for n in ("wg", "iv", "bh", "p"))
+        iv, bh, p = (lax.axis_index(n) for n in ("iv", "bh", "p"))
         b, h = lax.div(bh, H), lax.rem(bh, H)
         cp = plgpu.copy_gmem_to_smem
         c0 = p * NC
@@ -197,19 +198,15 @@ def fwd_rec_pair_mgpu(
                     plgpu.copy_smem_to_gmem(st_sm.at[2 * s + half], sout_ref.at[bh, p, s, half, vs])
             plgpu.wait_smem_to_gmem(0)
 
-        for w in range(2):
-            pl.when(wg == w)(lambda w=w: thread(w))
+        per_warpgroup(thread)
 
-    kernel = launch(
+    kernel = launch_pair(
         body,
         name="dsla_fwd_rec_pair_mgpu",
         interpret=interpret,
-        reduction_scratch_bytes=0,
         out_type=(jax.ShapeDtypeStruct((B, T, H, V), bf16), jax.ShapeDtypeStruct(s_in.shape, bf16)),
         grid=(V // (2 * BV), B * H, P),
         grid_names=("iv", "bh", "p"),
-        num_threads=2,
-        thread_name="wg",
         scratch_types=[
             plgpu.SMEM((4, BT, K), bf16, transforms=sw16),  # qd halves; warpgroup 0's states enter / leave here
             plgpu.SMEM((4, BT, K), bf16, transforms=sw16),  # kd halves; warpgroup 1's states

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dsla_jax.ops.dsla.mgpu import kernel_ops, launch, swizzles, zeros
+from dsla_jax.ops.dsla.mgpu import kernel_ops, launch_pair, per_warpgroup, swizzles, zeros
 from dsla_jax.ops.dsla.pallas_gpu_rec_mgpu import _wait
 
 f32 = jnp.float32
@@ -81,7 +81,7 @@ def _pair_pass(x, ebl, y, s_in, *, P: int, reverse: bool, name: str, interpret: 
         else:
             x_ref, ebl_ref, y_ref, sin_ref, out_ref, *scratch = refs
         x_sm, y_sm, e_sm, st_sm, bar, free = scratch
-        wg, iv, bh, p = (lax.axis_index(n) for n in ("wg", "iv", "bh", "p"))
+        iv, bh, p = (lax.axis_index(n) for n in ("iv", "bh", "p"))
         b, h = lax.div(bh, H), lax.rem(bh, H)
         cp = plgpu.copy_gmem_to_smem
         step_c = -1 if reverse else 1
@@ -144,20 +144,16 @@ def _pair_pass(x, ebl, y, s_in, *, P: int, reverse: bool, name: str, interpret: 
                 store(final, [send_ref.at[bh, p, s, :, vs] for s in range(2)])
             plgpu.wait_smem_to_gmem(0)
 
-        for w in range(2):
-            pl.when(wg == w)(lambda w=w: thread(w))
+        per_warpgroup(thread)
 
     states = jax.ShapeDtypeStruct((2, B * H, N, K, V), f32)
-    kernel = launch(
+    kernel = launch_pair(
         body,
         name=name,
         interpret=interpret,
-        reduction_scratch_bytes=0,
         out_type=(states, jax.ShapeDtypeStruct((B * H, P, 2, K, V), f32)) if reverse else states,
         grid=(V // (2 * BV), B * H, P),
         grid_names=("iv", "bh", "p"),
-        num_threads=2,
-        thread_name="wg",
         scratch_types=[
             plgpu.SMEM((4, BT, K), bf16, transforms=sw16),  # x's halves, shared
             plgpu.SMEM((2, BT, BV), bf16, transforms=sw16),  # y, per warpgroup
