@@ -16,6 +16,7 @@ import pytest
 
 from bench.common import rel_err
 from dsla_jax.ops.dsla import pallas_gpu_rec_mgpu as km
+from dsla_jax.ops.dsla import pallas_gpu_rec_pair_mgpu as kp
 from dsla_jax.ops.dsla import pallas_gpu_seq_pair_mgpu as ks
 from dsla_jax.ops.dsla.pallas_gpu import GpuConfig
 
@@ -137,9 +138,9 @@ def test_pair_passes_checks():
         ks.chunk_adjoints_pair_mgpu(x[:2].astype(f32), ebl, y, P=1, interpret=True)
     with pytest.raises(ValueError, match="s_in"):
         ks.chunk_states_pair_mgpu(x, ebl, y, s_in[:, :, :1], P=1, interpret=True)
-    assert ks.seq_pair_problem(64, 128, 64, jnp.bfloat16) is not None  # one value tile: the unpaired kernels' case
-    assert ks.seq_pair_problem(64, 256, 128, jnp.bfloat16) is not None  # K 256: the staging does not fit
-    assert ks.seq_pair_problem(64, 128, 256, jnp.bfloat16) is None
+    assert kp.pair_problem(64, 128, 64, jnp.bfloat16, "v / do") is not None  # one value tile: unpaired
+    assert kp.pair_problem(64, 256, 128, jnp.bfloat16, "v / do") is not None  # K 256: the staging does not fit
+    assert kp.pair_problem(64, 128, 256, jnp.bfloat16, "v / do") is None
 
 
 def test_pair_passes_lower_in_the_op():

@@ -263,9 +263,10 @@ def _gpu_bwd_split(res, do, ds_T, *, scale, cfg, P, interpret, kv_f32=False):
     tiles = dict(P=P, chunk=cfg.chunk, block_v=bv, interpret=interpret)
     pair = False  # both value tiles of a head per program (`GpuConfig.bwd_pair`; not in the interpreter)
     if mosaic_res is not None and cfg.bwd_pair and not interpret:
+        from dsla_jax.ops.dsla import pallas_gpu_rec_pair_mgpu as kp
         from dsla_jax.ops.dsla import pallas_gpu_seq_pair_mgpu as ks
 
-        pair = ks.seq_pair_problem(cfg.chunk, q.shape[-1], v.shape[-1], v.dtype) is None and do.dtype == v.dtype
+        pair = kp.pair_problem(cfg.chunk, q.shape[-1], v.shape[-1], v.dtype) is None and do.dtype == v.dtype
     if hs is None and kd is not None:  # from the Mosaic forward's kd halves (`GpuConfig.bwd_states_mosaic`)
         from dsla_jax.ops.dsla import pallas_gpu_rec_mgpu as km
 

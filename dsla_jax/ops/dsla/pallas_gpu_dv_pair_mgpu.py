@@ -33,7 +33,7 @@ from dsla_jax.ops.dsla.mgpu import (
     zeros,
 )
 from dsla_jax.ops.dsla.pallas_gpu_rec_mgpu import _wait
-from dsla_jax.ops.dsla.pallas_gpu_seq_pair_mgpu import seq_pair_problem
+from dsla_jax.ops.dsla.pallas_gpu_rec_pair_mgpu import check_pair
 
 f32 = jnp.float32
 bf16 = jnp.bfloat16
@@ -66,15 +66,9 @@ def dv_pair_mgpu(
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
+    check_pair("dv kernel", do, P, chunk, "v / do", kd=kd)
     B, T, H, V = do.shape
     K = kd.shape[-1]
-    problem = seq_pair_problem(chunk, K, V, do.dtype)
-    if problem is None and T % (P * chunk):
-        problem = f"T={T} a multiple of segments x chunk ({P} x {chunk})"
-    if problem is None and (kd.dtype != bf16 or kd.shape != (4, B * H, T, K)):
-        problem = f"kd as [4, B H, T, K] bfloat16 halves (got {kd.dtype}{kd.shape})"
-    if problem is not None:
-        raise ValueError(f"the Mosaic GPU paired dv kernel needs {problem}")
     BT = BV = TILE
     N = T // BT
     NC = N // P

@@ -47,15 +47,32 @@ bf16 = jnp.bfloat16
 TILE = 64  # tokens per chunk (WGMMA rows of the update, columns of o^T), value columns per warpgroup
 
 
-def pair_problem(chunk: int, K: int, V: int, dtype) -> str | None:
-    """Why `fwd_rec_pair_mgpu` cannot take these shapes and v's dtype, or None: 64-token chunks, key dim 64 or 128 (a
-    warpgroup holds two [64, K] float32 states and one state's halves in registers), V a multiple of 128 (two
-    64-column tiles per program) and bfloat16 v (the update's WGMMA meets kd's bfloat16 halves)."""
+def pair_problem(chunk: int, K: int, V: int, dtype, operand: str = "v") -> str | None:
+    """Why the paired kernels (this one, `pallas_gpu_seq_pair_mgpu`'s and `pallas_gpu_dv_pair_mgpu`'s) cannot take
+    these shapes and their 16-bit operand's dtype, or None: 64-token chunks, key dim 64 or 128 (here a warpgroup holds
+    two [64, K] float32 states and one state's halves in registers; the backward's kernels stage two [K, 64] float32
+    tiles per warpgroup in shared memory), V a multiple of 128 (two 64-column tiles per program) and a bfloat16
+    `operand` (its WGMMAs meet bfloat16 halves)."""
     if chunk != TILE or K not in (64, 128) or V % (2 * TILE):
         return f"chunk 64, K in (64, 128), V % 128 == 0 (got chunk {chunk}, K={K}, V={V})"
     if jnp.dtype(dtype) != jnp.dtype(bf16):
-        return f"bfloat16 v, got {jnp.dtype(dtype).name}"
+        return f"bfloat16 {operand}, got {jnp.dtype(dtype).name}"
     return None
+
+
+def check_pair(what: str, y: jax.Array, P: int, chunk: int, operand: str = "v", **planes: jax.Array) -> None:
+    """Raise a clear error unless a paired kernel (`what`) can take y [B, T, H, V] (its bfloat16 operand, named
+    `operand`), P segments of `chunk`-token chunks and `planes`, each [4, B H, T, K] bfloat16 halves."""
+    B, T, H, V = y.shape
+    K = next(iter(planes.values())).shape[-1]
+    problem = pair_problem(chunk, K, V, y.dtype, operand)
+    if problem is None and T % (P * chunk):
+        problem = f"T={T} a multiple of segments x chunk ({P} x {chunk})"
+    if problem is None and any(x.dtype != bf16 or x.shape != (4, B * H, T, K) for x in planes.values()):
+        got = ", ".join(f"{x.dtype}{x.shape}" for x in planes.values())
+        problem = f"{', '.join(planes)} as [4, B H, T, K] bfloat16 halves (got {got})"
+    if problem is not None:
+        raise ValueError(f"the Mosaic GPU paired {what} needs {problem}")
 
 
 def fwd_rec_pair_mgpu(
@@ -89,15 +106,9 @@ def fwd_rec_pair_mgpu(
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
+    check_pair("recurrent kernel", v, P, chunk, qd=qd, kd=kd)
     B, T, H, V = v.shape
     K = qd.shape[-1]
-    problem = pair_problem(chunk, K, V, v.dtype)
-    if problem is None and T % (P * chunk):
-        problem = f"T={T} a multiple of segments x chunk ({P} x {chunk})"
-    if problem is None and (qd.dtype != bf16 or kd.dtype != bf16 or qd.shape[0] != 4 or kd.shape[0] != 4):
-        problem = f"qd, kd as [4, B H, T, K] bfloat16 halves (got {qd.dtype}{qd.shape}, {kd.dtype}{kd.shape})"
-    if problem is not None:
-        raise ValueError(f"the Mosaic GPU paired recurrent kernel needs {problem}")
     BT = BV = TILE
     NC = T // (P * BT)
     acc = plgpu.Layout.WGMMA

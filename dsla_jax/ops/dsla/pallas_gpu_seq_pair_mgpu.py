@@ -27,33 +27,11 @@ from jax import lax
 
 from dsla_jax.ops.dsla.mgpu import kernel_ops, launch_pair, per_warpgroup, swizzles, zeros
 from dsla_jax.ops.dsla.pallas_gpu_rec_mgpu import _wait
+from dsla_jax.ops.dsla.pallas_gpu_rec_pair_mgpu import check_pair
 
 f32 = jnp.float32
 bf16 = jnp.bfloat16
 TILE = 64  # tokens per chunk, value columns per warpgroup
-
-
-def seq_pair_problem(chunk: int, K: int, V: int, dtype) -> str | None:
-    """Why the paired passes cannot take these shapes and y's dtype, or None: 64-token chunks, key dim 64 or 128 (the
-    staging of two [K, 64] float32 states per warpgroup in shared memory), V a multiple of 128 (two 64-column tiles
-    per program) and bfloat16 y (its WGMMA meets x's bfloat16 halves)."""
-    if chunk != TILE or K not in (64, 128) or V % (2 * TILE):
-        return f"chunk 64, K in (64, 128), V % 128 == 0 (got chunk {chunk}, K={K}, V={V})"
-    if jnp.dtype(dtype) != jnp.dtype(bf16):
-        return f"bfloat16 v / do, got {jnp.dtype(dtype).name}"
-    return None
-
-
-def _check(what: str, x: jax.Array, y: jax.Array, P: int, chunk: int) -> None:
-    B, T, H, V = y.shape
-    K = x.shape[-1]
-    problem = seq_pair_problem(chunk, K, V, y.dtype)
-    if problem is None and T % (P * chunk):
-        problem = f"T={T} a multiple of segments x chunk ({P} x {chunk})"
-    if problem is None and (x.dtype != bf16 or x.shape[0] != 4 or x.shape[1:] != (B * H, T, K)):
-        problem = f"[4, B H, T, K] bfloat16 halves (got {x.dtype}{x.shape})"
-    if problem is not None:
-        raise ValueError(f"the Mosaic GPU paired {what} needs {problem}")
 
 
 def _pair_pass(x, ebl, y, s_in, *, P: int, reverse: bool, name: str, interpret: bool):
@@ -179,7 +157,7 @@ def chunk_states_pair_mgpu(
     Returns:
         [2, B * H, N, K, V] float32: the states entering every chunk.
     """
-    _check("state pass", kd, v, P, chunk)
+    check_pair("state pass", v, P, chunk, "v / do", kd=kd)
     if s_in.shape != (kd.shape[1], P, 2, kd.shape[-1], v.shape[-1]) or s_in.dtype != f32:
         raise ValueError(f"s_in must be [B H, P, 2, K, V] float32, got {s_in.dtype}{s_in.shape}")
     return _pair_pass(kd, ebl, v, s_in, P=P, reverse=False, name="dsla_chunk_states_pair_mgpu", interpret=interpret)
@@ -198,5 +176,5 @@ def chunk_adjoints_pair_mgpu(
     Returns:
         dl [2, B * H, N, K, V] float32 and send [B * H, P, 2, K, V] float32, as `chunk_adjoints_mgpu`.
     """
-    _check("adjoint pass", qd, do, P, chunk)
+    check_pair("adjoint pass", do, P, chunk, "v / do", qd=qd)
     return _pair_pass(qd, ebl, do, None, P=P, reverse=True, name="dsla_chunk_adjoints_pair_mgpu", interpret=interpret)
