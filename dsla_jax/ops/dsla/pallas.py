@@ -306,18 +306,10 @@ def _gpu_bwd_split(res, do, ds_T, *, scale, cfg, P, interpret, kv_f32=False):
             dqi, dki = kb.intra_terms_fixup_gpu(q, k, v, do, g1, g2, flags, dqi, dki, cfg=cfg, interpret=interpret)
         else:
             dqi, dki = kb.intra_terms_gpu(q, k, v, do, g1, g2, cfg=cfg, interpret=interpret)
-        dqk_args = (w, q, k, v, do, g1, g2, hs, dl, e[:, :, :, 0], ds_end, dqi, dki, bl)
-        from dsla_jax.ops.dsla import pallas_gpu_dqk_pair_mgpu as kq
-
-        dqk_pair = cfg.dqk_pair and not interpret and iflags is not None and cfg.chunk == 64
-        if dqk_pair and kq.dqk_pair_problem(q.shape[-1], v.shape[-1], g1.dtype, kv_f32) is None:
-            # two warpgroups per program (`GpuConfig.dqk_pair`; not in the interpreter)
-            dq, dk, dg1, dg2, dw = kq.dqk_pair_mgpu(*dqk_args, iflags, scale=scale, P=P, thresh=cfg.thresh)
-        else:
-            dq, dk, dg1, dg2, dw = kbm.dqk_mgpu(
-                *dqk_args, scale=scale, P=P, chunk=cfg.chunk, kv_f32=kv_f32, flags=iflags, thresh=cfg.thresh,
-                interpret=interpret,
-            )  # fmt: skip
+        dq, dk, dg1, dg2, dw = kbm.dqk_mgpu(
+            w, q, k, v, do, g1, g2, hs, dl, e[:, :, :, 0], ds_end, dqi, dki, bl, scale=scale, P=P, chunk=cfg.chunk,
+            kv_f32=kv_f32, flags=iflags, thresh=cfg.thresh, interpret=interpret,
+        )  # fmt: skip
         out = f32 if kv_f32 else q.dtype
         dv = None if dv_mosaic else kb.dv_gpu(k, do, g1, g2, dl, e, ds_end, a, cfg=cfg, P=P, out_dtype=out,
                                               interpret=interpret)  # fmt: skip

@@ -199,10 +199,6 @@ class GpuConfig:
             backward 3.67 -> 3.53 (same call, gradients bit-identical), the paired dv 3.53 -> 3.44 (another call;
             dv 5e-7 apart) (kernel_notes item 19). Not in interpret mode (as `rec_pair`; the kernels alone are
             tested there).
-        dqk_pair: with the Mosaic dq / dk kernel computing the intra-chunk terms (`bwd_intra_fused`), 16-bit
-            gates and dk, dg in the inputs' dtype (not grouped heads' float32), two warpgroups per program, 32 key
-            columns each (`pallas_gpu_dqk_pair_mgpu`): the unpaired kernel is bound by its one warpgroup's
-            instruction latency, not by its loads (kernel_notes item 20). Not in interpret mode (as `rec_pair`).
         save_states: under differentiation, the split forward's recurrent kernel stores the state entering every
             chunk (float32, 8 K V bytes per chunk and head: 0.54 GB at B1 T8192 H32 D128, 16x the other
             residuals) and the split backward reads them instead of recomputing them in its state pass. Off by
@@ -257,7 +253,6 @@ class GpuConfig:
     rec_pair: bool = True
     rec_pair_min_chunks: int = 16
     bwd_pair: bool = True
-    dqk_pair: bool = True
     cumsum: str = "scan"
     split_dtype: str = "float32"
     intra_num_warps: int = 4

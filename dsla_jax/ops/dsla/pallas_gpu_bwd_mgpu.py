@@ -52,28 +52,41 @@ def _gate_cumsum(mma, interpret: bool, cum_t, g_sm) -> jax.Array:
     return mma(zeros(g_sm.shape, plgpu.Layout.WGMMA, interpret), [(("T", cum_t), g_sm)])
 
 
-def _intra_scores(mma, interpret: bool, d, do_sm, v_sm, da_sm) -> None:
-    """dA = do v^T (do_sm, v_sm: [nv, BT, BV], arrived), masked to j < i with d = i - j (`row_minus_col`), into
-    da_sm's bfloat16 halves (not committed)."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    BT = do_sm.shape[1]
-    acc = plgpu.Layout.WGMMA
-    da = mma(zeros((BT, BT), acc, interpret), [(do_sm.at[j], ("T", v_sm.at[j])) for j in range(do_sm.shape[0])])
-    split_halves(da * jnp.clip(d, 0.0, 1.0), da_sm.at[0], da_sm.at[1])
-
-
-def _intra_products(ld, mma, interpret: bool, *, g_sm, cum_t, bl_sm, q_sm, k_sm, da_sm, qe, ke, out, lim: float,
-                    wait_qk) -> None:  # fmt: skip
-    """The intra-chunk dq / dk terms of one state and key tile by the fast path from dA's halves in da_sm (written
-    and committed, the gate tile and bL arrived), into `out` (two [BT, BK] float32 refs: dqi, dki): b the inclusive
-    gate cumsum (cum_t: the 0 / 1 matrix read transposed); the decayed q, k split into qe, ke (hi, lo refs); three
-    bf16 WGMMAs per product, dA read transposed for dki. wait_qk waits for q and k. Ends with the outputs
+def _intra_terms(
+    ld,
+    mma,
+    interpret: bool,
+    d,
+    *,
+    do_sm,
+    v_sm,
+    g_sm,
+    cum_t,
+    bl_sm,
+    q_sm,
+    k_sm,
+    da_sm,
+    qe,
+    ke,
+    out,
+    lim: float,
+    wait_gates,
+    wait_qk,
+) -> None:
+    """The intra-chunk dq / dk terms of one state and key tile by the fast path, into `out` (two [BT, BK] float32
+    refs: dqi, dki), shared by `dqk_intra_mgpu` and the fused `dqk_mgpu`: dA = do v^T (do_sm, v_sm: [nv, BT, BV],
+    arrived), masked to j < i with d = i - j (`row_minus_col`) and split into da_sm's halves; b the inclusive gate
+    cumsum (cum_t: the 0 / 1 matrix read transposed); the decayed q, k split into qe, ke (hi, lo refs); three bf16
+    WGMMAs per product. wait_gates / wait_qk wait for the gate tile and bL / q and k. Ends with the outputs
     committed."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     acc = plgpu.Layout.WGMMA
     BT, BK = g_sm.shape
+    da = mma(zeros((BT, BT), acc, interpret), [(do_sm.at[j], ("T", v_sm.at[j])) for j in range(do_sm.shape[0])])
+    split_halves(da * jnp.clip(d, 0.0, 1.0), da_sm.at[0], da_sm.at[1])  # dA masked to j < i
+    wait_gates()
+    plgpu.commit_smem()  # the 0 / 1 matrix and da_sm are written
     bg = _gate_cumsum(mma, interpret, cum_t, g_sm)
     m = 0.5 * lax.broadcast_in_dim(ld(bl_sm, acc.reduce(0)), (BT, BK), [1])
     dd = jnp.minimum(jnp.maximum(bg - m, -lim), lim)
@@ -87,18 +100,6 @@ def _intra_products(ld, mma, interpret: bool, *, g_sm, cum_t, bl_sm, q_sm, k_sm,
     out[0][...] = ef * mma(z, [(hi, ke[0]), (hi, ke[1]), (lo, ke[0])])
     out[1][...] = ei * mma(z, [(("T", hi), qe[0]), (("T", hi), qe[1]), (("T", lo), qe[0])])
     plgpu.commit_smem()
-
-
-def _intra_terms(ld, mma, interpret: bool, d, *, do_sm, v_sm, da_sm, wait_gates, **products) -> None:
-    """The intra-chunk dq / dk terms of one state and key tile by the fast path, shared by `dqk_intra_mgpu` and the
-    fused `dqk_mgpu`: `_intra_scores` (dA's halves), then `_intra_products` (its keyword arguments in `products`).
-    wait_gates waits for the gate tile and bL."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    _intra_scores(mma, interpret, d, do_sm, v_sm, da_sm)
-    wait_gates()
-    plgpu.commit_smem()  # the 0 / 1 matrix and da_sm are written
-    _intra_products(ld, mma, interpret, da_sm=da_sm, **products)
 
 
 def dv_mgpu(
