@@ -14,18 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dsla_jax.ops.dsla.mgpu import (
-    halves,
-    kernel_ops,
-    launch,
-    load_transposed,
-    row_minus_col,
-    split_halves,
-    store_transposed,
-    swizzle_for,
-    swizzles,
-    zeros,
-)
+from dsla_jax.ops.dsla.mgpu import kernel_ops, launch, row_minus_col, split_halves, swizzle_for, swizzles, zeros
 from dsla_jax.ops.dsla.pallas_gpu import THRESH
 from dsla_jax.ops.dsla.pallas_gpu_rec_mgpu import _check, _wait
 
@@ -383,6 +372,12 @@ def dqk_mgpu(
         f = lambda ref: ld(ref, acc).astype(f32)  # noqa: E731
         dvd = sum(jnp.sum(f(do_sm.at[j]) * f(v_sm.at[j]), axis=1) for j in range(nv))  # do_t . v_t, [BT]
 
+        def rows(x):  # [BT] per token -> [BT, BK]
+            return lax.broadcast_in_dim(x, (BT, BK), [0])
+
+        def cols(ref):  # a [BK] shared-memory vector -> [BT, BK]
+            return lax.broadcast_in_dim(ld(ref, acc.reduce(0)), (BT, BK), [1])
+
         if fused:  # the intra-chunk terms by `dqk_intra_mgpu`'s fast path, into iq_sm, while the states fly
             da_sm, fl_sm = opt_sm
             _intra_terms(ld, mma, interpret, d, do_sm=do_sm, v_sm=v_sm, g_sm=g_sm, cum_t=tri_sm.at[0], bl_sm=bl_sm,
@@ -397,11 +392,7 @@ def dqk_mgpu(
                 fetch_intra()
                 _wait(bar, F + 3, 2)
 
-        # The state products and everything after them are computed transposed, [BK, BT] (keys x tokens): the
-        # states' bfloat16 halves are then the register operands of their WGMMAs (dq_h^T = H_c do^T, vds^T = D v^T),
-        # as are the gate gradient's summands (dg^T = r^T U^T + (k x)^T L^T), and none is staged in shared memory
-        # (v18: the six [BK, 64] splits into shared memory took ~0.2 of the kernel's 1.45 ms at B1 T8192).
-        dqh = vds = zeros((BK, BT), acc, interpret)
+        dqh = vds = zeros((BT, BK), acc, interpret)
         hsum = None
         ec = lax.broadcast_in_dim(ld(e_sm, acc.reduce(1)), (BK, BV), [0])
         for j in range(nv):
@@ -410,50 +401,43 @@ def dqk_mgpu(
             dst = ld(st_sm.at[1], acc) + ec * ld(st_sm.at[2], acc)  # D [BK, BV]
             part = jnp.sum(hc * dst, axis=1)  # sum_V H_c * D, per key channel (within a warp)
             hsum = part if hsum is None else hsum + part
-            (hh, hl), (dh, dlo) = halves(hc), halves(dst)
+            split_halves(hc, hl_sm.at[0], hl_sm.at[1])
+            split_halves(dst, hl_sm.at[2], hl_sm.at[3])
             plgpu.commit_smem()  # also a warpgroup barrier: st_sm is read
             if j + 1 < nv:
                 fetch_states(j + 1)
-            do_t, v_t = ("T", do_sm.at[j]), ("T", v_sm.at[j])  # [BV, BT]
-            dqh = mma(dqh, [(hh, do_t), (hl, do_t)])
-            vds = mma(vds, [(dh, v_t), (dlo, v_t)])
+            dqh = mma(dqh, [(do_sm.at[j], ("T", hl_sm.at[0])), (do_sm.at[j], ("T", hl_sm.at[1]))])
+            vds = mma(vds, [(v_sm.at[j], ("T", hl_sm.at[2])), (v_sm.at[j], ("T", hl_sm.at[3]))])
+        vec_sm[...] = hsum * jnp.exp(ld(bl_sm, acc.reduce(1)))  # the boundary term, per key channel: as columns
         if not fused:  # (fused: these have arrived)
             _wait(bar, 2, 1)
         # (fused: the intra terms took this cumsum too; it is recomputed here, one WGMMA, rather than held live
         # across the state loop in 32 more registers of a kernel at 255: a choice, not measured apart)
-        bg = mma(zeros((BK, BT), acc, interpret), [(("T", g_sm), tri_sm.at[0])])  # b^T: sum over t' <= t
+        bg = _gate_cumsum(mma, interpret, tri_sm.at[0], g_sm)
         if not fused:
             _wait(bar, 0, 2)  # q, k
             _wait(bar, F + 3, 2)  # dqi, dki
-        vec_sm[...] = dvd  # do_t . v_t, per token: into the columns' layout through shared memory
-        plgpu.commit_smem()
-
-        def krows(x):  # [BK] per key channel (a row reduction's layout) -> [BK, BT]
-            return lax.broadcast_in_dim(x, (BK, BT), [0])
-
-        ws = krows(ld(w_sm, acc.reduce(1)))
-        blr = ld(bl_sm, acc.reduce(1))
-        x = vds * jnp.exp(jnp.minimum(krows(blr) - bg, 0.0))  # dk_s's state term
-        dq_s = scale * (dqh * jnp.exp(bg) + load_transposed(iq_sm.at[0], interpret))
-        kf = load_transposed(k_sm, interpret).astype(f32)
-        dki_w = (scale * ws) * load_transposed(iq_sm.at[1], interpret)
-        qf = load_transposed(q_sm, interpret).astype(f32)
-        sd = scale * lax.broadcast_in_dim(ld(vec_sm, acc.reduce(0)), (BK, BT), [1])
+        plgpu.commit_smem()  # vec_sm is written
+        ws = cols(w_sm)
+        x = vds * jnp.exp(jnp.minimum(cols(bl_sm) - bg, 0.0))  # dk_s's state term
+        dq_s = scale * (dqh * jnp.exp(bg) + ld(iq_sm.at[0], acc))
+        kf = f(k_sm)
+        split_halves(kf * x, hl_sm.at[2], hl_sm.at[3])
+        dki_w = (scale * ws) * ld(iq_sm.at[1], acc)
+        qf = f(q_sm)
+        split_halves(ws * qf * dq_s - kf * dki_w, hl_sm.at[0], hl_sm.at[1])
+        sd = scale * rows(dvd)
         dq_full = dq_s + sd * kf
-        dw_sm[...] = jnp.sum(qf * dq_full, axis=0)  # per token (across warps); the caller sums everything
-        rh, rlo = halves(ws * qf * dq_s - kf * dki_w)
-        xh, xlo = halves(kf * x)
-        # this state's dq and dk shares, float32, through the free state buffers ([BT, BK]: stored transposed)
-        store_transposed(st_sm.at[0], ws * dq_full, interpret)
-        store_transposed(st_sm.at[1], x + dki_w + ws * sd * qf, interpret)
-        plgpu.commit_smem()  # the shares are written; iq_sm, st_sm are read
+        dw_sm[...] = jnp.sum(qf * dq_full, axis=1)  # per token (within a warp); the caller sums everything
+        st_sm.at[0][...] = ws * dq_full  # this state's dq and dk shares, float32, in the free state buffers
+        st_sm.at[1][...] = x + dki_w + ws * sd * qf
+        plgpu.commit_smem()  # the halves and shares are written; iq_sm, st_sm are read
         plgpu.copy_smem_to_gmem(st_sm.at[0], dq_ref.at[s, b, ts, h, ks])
         plgpu.copy_smem_to_gmem(st_sm.at[1], dk_ref.at[s, b, ts, h, ks])
         plgpu.copy_smem_to_gmem(dw_sm, dw_ref.at[s, bh, c, pl.ds(ik * BT, BT)])
-        ut, lt = ("T", tri_sm.at[0]), ("T", tri_sm.at[1])  # [i, t]: 1 where i >= t; where i < t
-        vec = krows(hsum * jnp.exp(blr))  # the boundary term
-        dg = mma(vec, [(rh, ut), (rlo, ut), (xh, lt), (xlo, lt)])
-        store_transposed(dg_sm, dg, interpret)
+        up, lo = tri_sm.at[0], tri_sm.at[1]
+        dg = mma(cols(vec_sm), [(up, hl_sm.at[0]), (up, hl_sm.at[1]), (lo, hl_sm.at[2]), (lo, hl_sm.at[3])])
+        dg_sm[...] = dg.astype(dg_sm.dtype)
         plgpu.commit_smem()
         for i, dg_ref in enumerate((dg1_ref, dg2_ref)):  # one output per gate: no slices (copies) in XLA after
 
@@ -467,7 +451,7 @@ def dqk_mgpu(
         body,
         name="dsla_dqk_mgpu",
         interpret=interpret,
-        reduction_scratch_bytes=None,  # dw's sum over key channels crosses warps (Mosaic GPU's default scratch)
+        reduction_scratch_bytes=0,  # every reduction stays within a warp
         out_type=(
             jax.ShapeDtypeStruct((2, B, T, H, K), f32),
             jax.ShapeDtypeStruct((2, B, T, H, K), f32),
@@ -487,10 +471,10 @@ def dqk_mgpu(
             plgpu.SMEM((BK,), f32),  # w
             plgpu.SMEM((BK,), f32),  # bL
             plgpu.SMEM((3, BK, BV), f32, transforms=sw32),  # H_c, Dloc, dS_end tiles; at the end dq, dk shares
-            plgpu.SMEM((4, BT, BK), bf16, transforms=sw16),  # the intra terms' q, k halves (fused)
+            plgpu.SMEM((4, BK, BV), bf16, transforms=sw16),  # H_c, D halves; later r's and k x's halves
             plgpu.SMEM((2, BT, BT), bf16, transforms=sw16),  # the 0 / 1 matrices
             plgpu.SMEM((2, BT, BK), f32, transforms=sw32),  # dqi_s, dki_s
-            plgpu.SMEM((BT,), f32),  # do . v per token
+            plgpu.SMEM((BK,), f32),  # sum_V H_c * D
             plgpu.SMEM((BT,), f32),  # dw
             *([] if dg_dt == f32 else [plgpu.SMEM((BT, BK), dg_dt, transforms=swizzle_for(dg_dt))]),  # dg
             *(
